@@ -1,0 +1,181 @@
+"""The one printer: tree -> PyTorch source. Training compiles it; ``export`` writes it to a file.
+
+For a loss called NAME the printer emits
+
+* ``NAME_per_sample(y, p)`` -- the per-sample loss (B,) from one-hot/soft targets ``y`` and
+  probabilities ``p`` (both (B, C)), one SSA line per tree node (no deep nesting, so any tree
+  within the limits compiles); for a class-sum set (``paper``) it ends with ``.sum(dim=1)``;
+* ``NAME(logits, target)`` -- softmax in float32 or better, integer class indices or (B, C)
+  soft targets, per-sample loss, batch mean, sign applied;
+* ``class CamelName(torch.nn.Module)`` -- a wrapper.
+
+``module_source`` joins several losses with a header (imports only ``torch`` and ``math``) and
+a ``LOSSES`` dict; ``compile_loss`` compiles that very text for training. Only source produced
+here is ever compiled: ``compile_printed`` accepts a :class:`PrintedSource`, never a plain str.
+Fed by ``trees.py`` (parsed trees) and ``primitives.py`` (the torch templates).
+"""
+from __future__ import annotations
+
+import keyword
+import re
+
+from deap import gp
+
+from . import __version__
+from .psets import load_pset
+from .trees import format_number, to_text, var_name
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+HEADER = '''"""Loss functions discovered/exported by gp-loss {version}.
+
+Each NAME(logits, target) takes logits (B, C) and either integer class indices (B,) or (B, C)
+target probabilities, applies softmax in float32 (or float64), and returns the batch-mean loss.
+Protected operations use eps = 1e-7 exactly as in the search: log(x) = ln(|x| + eps),
+recip(x) = 1/(x + eps), div(a, b) = a/(b + eps).
+"""
+import math
+
+import torch
+
+EPS = 1e-7
+LN10 = math.log(10.0)
+'''
+
+
+class PrintedSource(str):
+    """Source text produced by this module's printer (the only text we ever compile)."""
+
+
+def check_name(name: str) -> str:
+    if not _IDENT.match(name or "") or keyword.iskeyword(name) or name in ("torch", "math", "EPS", "LN10"):
+        raise ValueError(f"bad loss name {name!r}: use lower-case letters, digits and '_' "
+                         "(a Python identifier), e.g. my_loss")
+    return name
+
+
+def camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part) or "Loss"
+
+
+def _body_lines(tree, pset):
+    """SSA lines computing the root; returns (lines, root_ref, root_is_float)."""
+    # Walk the prefix list backwards: every node's arguments are then on top of the stack.
+    # Stack entries: (reference, is a plain Python float, depends on y or p).
+    lines, stack = [], []
+    counter = 0
+    for node in reversed(tree):
+        if isinstance(node, gp.Primitive):
+            info = pset.prims[node.name]
+            args = [stack.pop() for _ in range(node.arity)]
+            parts = []
+            for k, (ref, is_float, has_var) in enumerate(args):
+                if info.op.kind == "reduction" and not has_var:
+                    # Reductions sum over the class axis: a constant argument must be (B, C).
+                    ref = f"(torch.zeros_like(p) + {ref})"
+                elif is_float and not info.op.scalar_ok[k]:
+                    ref = f"p.new_tensor({ref})"  # torch functions need a tensor, 0-d is enough
+                parts.append(ref)
+            name = f"t{counter}"
+            counter += 1
+            lines.append(f"    {name} = {info.op.torch.format(*parts)}")
+            # Stays a Python float only if no argument had to become a tensor.
+            all_float = all(a[1] for a in args) and all(info.op.scalar_ok)
+            stack.append((name, all_float, any(a[2] for a in args)))
+        elif var_name(node, pset):
+            stack.append((node.value, False, True))
+        else:
+            text = format_number(float(node.value))
+            text = text if "." in text or "e" in text else text + ".0"
+            stack.append((f"({text})" if text.startswith("-") else text, True, False))
+    ref, is_float, _ = stack.pop()
+    return lines, ref, is_float
+
+
+def function_source(tree, pset="paper", name="loss", sign=1, formula=None) -> str:
+    """Source of ``NAME_per_sample``, ``NAME`` and the ``CamelName`` module for one tree."""
+    pset = load_pset(pset)
+    check_name(name)
+    if sign not in (1, -1):
+        raise ValueError("sign must be +1 or -1")
+    text = to_text(tree, pset)
+    lines, ref, is_float = _body_lines(tree, pset)
+    has_terminal = any(var_name(n, pset) for n in tree)
+    if pset.class_sum:
+        if not has_terminal:  # a constant expression: broadcast before the class sum
+            ref = f"torch.zeros_like(p) + {ref}"
+        final = f"({ref}).sum(dim=1)" if not _simple(ref) else f"{ref}.sum(dim=1)"
+    else:
+        # A Sample-typed root that involves y or p went through a reduction, so it is (B,).
+        final = ref if has_terminal else f"p.new_zeros(p.shape[0]) + {ref}"
+    doc_formula = (formula or text).replace('"""', "'''").replace("\\", "\\\\")
+    sign_word = "+1" if sign == 1 else "-1 (the expression is negated)"
+    body = "\n".join(lines)
+    mean = "per_sample.mean()" if sign == 1 else "-per_sample.mean()"
+    cls = camel(name)
+    return f'''
+
+def {name}_per_sample(y, p):
+    """Per-sample loss (B,) of `{text}` from targets y and probabilities p, both (B, C)."""
+{body + chr(10) if body else ""}    return {final}
+
+
+def {name}(logits, target):
+    """{doc_formula}
+
+    Expression: {text}
+    Sign: {sign_word}. Softmax inside (float32 or better); target: class indices (B,) or
+    probabilities (B, C). Returns the mean over the batch.
+    """
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    p = torch.softmax(z, dim=1)
+    if target.dim() == 1:
+        y = torch.nn.functional.one_hot(target, p.shape[1]).to(p.dtype)
+    else:
+        y = target.to(p.dtype)
+    per_sample = {name}_per_sample(y, p)
+    return {mean}
+
+
+class {cls}(torch.nn.Module):
+    """torch.nn.Module wrapper of `{name}`: {text}"""
+
+    def forward(self, logits, target):
+        return {name}(logits, target)
+'''
+
+
+def _simple(ref: str) -> bool:
+    return bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", ref))
+
+
+def module_source(entries) -> PrintedSource:
+    """Full module text for ``entries``: iterable of dicts with tree, pset, name, sign, formula."""
+    parts, names = [HEADER.format(version=__version__)], []
+    for e in entries:
+        name = check_name(e["name"])
+        if name in names:
+            raise ValueError(f"duplicate loss name {name!r}")
+        names.append(name)
+        parts.append(function_source(e["tree"], e.get("pset", "paper"), name,
+                                     e.get("sign", 1), e.get("formula")))
+    parts.append("\n\n# Losses in rank order.\nLOSSES = {\n"
+                 + "".join(f"    {n!r}: {n},\n" for n in names) + "}\n")
+    return PrintedSource("".join(parts))
+
+
+def compile_printed(source: PrintedSource, filename="<gp-loss>") -> dict:
+    """Compile printer output into a fresh namespace. Refuses anything but :class:`PrintedSource`."""
+    if type(source) is not PrintedSource:
+        raise TypeError("only source produced by gp_loss.codegen may be compiled")
+    namespace: dict = {"__name__": "gp_loss_generated"}
+    # Safe: the text was generated by this module from a parsed tree; names come from the op
+    # table and literals are printed floats, so no user text reaches the compiler.
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def compile_loss(tree, pset="paper", sign=1, name="loss"):
+    """(loss(logits, target), per_sample(y, p)) compiled from the printed source of ``tree``."""
+    ns = compile_printed(module_source([{"tree": tree, "pset": pset, "name": name, "sign": sign}]))
+    return ns[name], ns[f"{name}_per_sample"]
