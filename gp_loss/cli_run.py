@@ -1,0 +1,249 @@
+"""Run commands of the ``gp-loss`` CLI: search, resume, show, train.
+
+Registered on the group of ``cli.py`` (which owns error handling and exit codes). Thin layers
+over ``evolution`` (search/resume), ``report`` (show) and ``fitness`` (train).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+import click
+
+from .cli import UserError, cli, json_option, pset_option
+
+log = logging.getLogger("gp_loss")
+
+# Settings a resumed run may change: how it runs, not what it computes.
+RESUMABLE_KEYS = ("search.children", "search.max_minutes", "executor.", "surrogate.device")
+
+
+def _set_option():
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="Override a config key (repeatable; the last one wins), "
+                             "e.g. --set search.children=50 --set executor.workers=1.")
+
+
+def _device_option():
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                        help="Where to train (default: the config's surrogate.device, auto).")
+
+
+def _resolve_device(name: str) -> str:
+    from .data import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
+    from . import report
+    from .evolution import Evolution
+
+    s = cfg.search
+    total = len(s.reference) + len(s.seed_with) + s.initial + s.children
+    done = sum(v for k, v in store.counts().items() if k in ("evaluated", "failed", "reused"))
+    progress = report.Progress(total, min(done, total), disable=quiet)
+    try:
+        result = Evolution(store, cfg, progress=progress).run()
+    finally:
+        progress.close()
+    summary = report.summary(store, top)
+    click.echo(report.format_summary(summary))
+    reason = result["stop_reason"]
+    if reason == "interrupted":
+        click.echo(f"interrupted; continue with: gp-loss resume {run_dir}", err=True)
+        raise SystemExit(130)
+    if reason not in ("finished", "max_minutes"):
+        click.echo(f"search stopped: {reason}", err=True)
+    elif reason == "max_minutes":
+        click.echo(f"stopped at search.max_minutes; continue with: gp-loss resume {run_dir}",
+                   err=True)
+    click.echo(f"run store: {run_dir / 'run.sqlite'}")
+    return summary
+
+
+@cli.command()
+@click.argument("config", required=False, metavar="[CONFIG.toml]")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the run store goes (default: runs/<timestamp>). Must not hold a run.")
+@_set_option()
+@_device_option()
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Rows of the final table.")
+@click.pass_context
+def search(ctx, config, run_dir, sets, device, top):
+    """Run a loss-function search (regularized evolution) from a TOML config.
+
+    Without CONFIG the built-in quick config runs (sklearn digits, a tiny CNN, about ten
+    minutes on 2 CPU cores). CONFIG may also name a built-in config (quick, paper). Progress is
+    stored in RUN_DIR/run.sqlite after every step: Ctrl-C (or a kill) loses nothing and
+    `gp-loss resume RUN_DIR` continues.
+
+    \b
+    Examples:
+      gp-loss search
+      gp-loss search search_runs/quick.toml --set search.children=50 --run-dir runs/try
+    """
+    from .config import load_config
+    from .store import RunStore, environment
+
+    cfg = load_config(config, list(sets) + ([f"surrogate.device={device}"] if device else []))
+    from .psets import load_pset
+
+    load_pset(cfg.search.pset)  # a bad set name is bad input before anything is created
+    run_dir = Path(run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if RunStore.exists(run_dir):
+        raise UserError(f"{run_dir} already holds a run; continue it with: gp-loss resume {run_dir}")
+    dev = _resolve_device(cfg.surrogate.device)
+    from .config import config_to_dict
+
+    meta = {**environment(), "device": dev, "command": "search"}
+    store = RunStore.create(run_dir, config_to_dict(cfg), meta)
+    log.info("run %s: %s set, %s/%s, %d initial + %d children, executor %s x%d, device %s",
+             run_dir, cfg.search.pset, cfg.surrogate.dataset, cfg.surrogate.model,
+             cfg.search.initial, cfg.search.children, cfg.executor.kind, cfg.executor.workers, dev)
+    quiet = log.getEffectiveLevel() > logging.INFO
+    try:
+        _run_search(store, cfg, run_dir, top, quiet)
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@_set_option()
+@_device_option()
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+def resume(run_dir, sets, device, top):
+    """Continue an interrupted (or finished) search with its stored config.
+
+    Evaluations that were in flight are run again; nothing completed is lost or repeated.
+    Only how the run executes may change: --set search.children=N (to extend it),
+    search.max_minutes, executor.* and surrogate.device.
+    """
+    from .config import apply_overrides, config_from_dict, config_to_dict
+    from .store import RunStore
+
+    run_dir = Path(run_dir)
+    store = RunStore.open(run_dir)
+    try:
+        cfg = config_from_dict(store.config())
+        overrides = list(sets) + ([f"surrogate.device={device}"] if device else [])
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+                raise UserError(f"--set {key}: a resumed run keeps its config; only "
+                                f"{', '.join(RESUMABLE_KEYS)} may change")
+        if overrides:
+            cfg = apply_overrides(cfg, overrides)
+            with store.transaction():
+                store.set_meta("config", config_to_dict(cfg))
+                history = store.meta().get("resumes", [])
+                store.set_meta("resumes", history + [{"time": time.time(), "set": overrides}])
+        _resolve_device(cfg.surrogate.device)
+        quiet = log.getEffectiveLevel() > logging.INFO
+        _run_search(store, cfg, run_dir, top, quiet)
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True)
+@json_option("top, counts, seconds, reference, state, config")
+def show(run_dir, top, as_json):
+    """Show the best losses of a run (formula, fitness, sign) and what the search did.
+
+    Works while the search is running (read-only). Counts include rejections by reason.
+    """
+    from . import report
+    from .store import RunStore
+
+    store = RunStore.open(run_dir, readonly=True)
+    try:
+        s = report.summary(store, top)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        click.echo(report.format_summary(s))
+
+
+@cli.command()
+@click.option("--loss", "loss", required=True, metavar="EXPR|ZOO_NAME",
+              help="The loss to train with, e.g. ce or 'sub(div(y, p), log(p))'.")
+@click.option("--dataset", default=None, help="Dataset (default: the config's; digits).")
+@click.option("--model", default=None, help="Model (default: the config's; tinycnn).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of seeds: 0..N-1 (shifted by --first-seed).")
+@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--config", "config", default=None, metavar="CONFIG.toml",
+              help="Take the surrogate settings from this config (default: quick).")
+@_set_option()
+@_device_option()
+@pset_option()
+@json_option("runs (seed, val_acc, test_acc, seconds), test_acc_mean, test_acc_std")
+def train(loss, dataset, model, seeds, first_seed, config, sets, device, pset, as_json):
+    """Train the surrogate with one loss over several seeds; report test accuracy.
+
+    Test accuracy is measured at the checkpoint with the best validation accuracy (the test
+    split is never used to choose). The sign comes from the integrity check (+1 if rejected).
+
+    \b
+    Example:
+      gp-loss train --loss ce --seeds 3 --json
+    """
+    from .config import load_config
+    from .fitness import evaluate
+    from .psets import load_pset
+    from .screen import integrity
+    from .trees import parse, to_text
+
+    extra = [f"surrogate.{k}={v}" for k, v in (("dataset", dataset), ("model", model),
+                                               ("device", device)) if v]
+    cfg = load_config(config, list(sets) + extra)
+    ps = load_pset(pset)
+    tree = parse(loss, ps)
+    integ = integrity(tree, ps)
+    sign = integ.sign if integ.accepted else 1
+    if not integ.accepted:
+        log.warning("the integrity check rejects this loss (%s); training it with sign +1",
+                    integ.reason)
+    from dataclasses import asdict
+
+    surrogate = asdict(cfg.surrogate)
+    surrogate["device"] = _resolve_device(cfg.surrogate.device)
+    text = to_text(tree, ps)
+    runs = []
+    for seed in range(first_seed, first_seed + seeds):
+        res = evaluate(text, ps.source, surrogate, seed=seed, sign=sign, with_test=True)
+        runs.append({"seed": seed, "val_acc": res.get("val_acc"), "test_acc": res.get("test_acc"),
+                     "seconds": res.get("seconds"), "status": res.get("status"),
+                     "reason": res.get("reason")})
+        if not as_json:
+            click.echo(f"seed {seed}: val_acc {_fmt(res.get('val_acc'))}  test_acc "
+                       f"{_fmt(res.get('test_acc'))}  ({res.get('seconds', 0):.1f}s)"
+                       + (f"  FAILED: {res.get('reason')}" if res.get("status") != "ok" else ""))
+    tests = [r["test_acc"] for r in runs if r["test_acc"] is not None]
+    mean = statistics.fmean(tests) if tests else None
+    std = statistics.stdev(tests) if len(tests) > 1 else (0.0 if tests else None)
+    out = {"loss": text, "sign": sign, "dataset": cfg.surrogate.dataset,
+           "model": cfg.surrogate.model, "steps": cfg.surrogate.steps, "runs": runs,
+           "test_acc_mean": mean, "test_acc_std": std}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"test_acc {_fmt(mean)} ± {_fmt(std)} over {len(tests)} seed(s)")
+
+
+def _fmt(v):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+

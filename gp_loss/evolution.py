@@ -1,0 +1,430 @@
+"""Regularized (aging) evolution, asynchronous steady state, resumable from the run store.
+
+The loop (DESIGN §6), written for clarity because training dominates the cost:
+
+    initial: evaluate `initial` random screened candidates (+ `seed_with`); keep the best
+             `population` of them, all equally old
+    repeat until `children` children were evaluated or reused:
+        parent  = best of `tournament` members drawn with replacement
+        child   = mutate(parent) until it passes screening and is not the same as a member
+                  (after `max_retries` rejections in a row: record it, draw a new parent)
+        if the child is the same as a candidate evaluated earlier: reuse its stored result
+        else: evaluate it (up to `executor.workers` evaluations in flight)
+        success -> insert it and remove the oldest member (ties: lowest fitness); failure ->
+        recorded, not inserted
+
+Every random choice comes from ``random.Random`` seeded by (search.seed, phase, birth number,
+round), never from global state, so a run is reproducible and a resumed serial run proposes
+exactly what the uninterrupted run would have. Each step is one store transaction: a proposal
+(with the rejected attempts before it) is committed as ``pending`` before it is submitted, and
+its result, the population change and the counters are committed together. After a kill,
+``resume`` re-submits the pending evaluations and carries on, losing and repeating nothing.
+
+Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and novelty),
+``symbolic`` (canonical keys, display formulas), ``executors`` + ``fitness`` (evaluations) and
+``store`` (the only place state lives between steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from .config import Config, config_to_dict
+from .executors import make_executor, wait_first
+from .fitness import evaluate
+from .psets import load_pset
+from .trees import mutate, parse, random_tree, to_text
+
+log = logging.getLogger("gp_loss.search")
+
+MAX_ROUNDS = 50  # parents drawn for one child before the search declares the space exhausted
+
+
+@dataclass
+class Cand:
+    """What the driver keeps in memory about a candidate that trained (or is training)."""
+
+    id: int
+    tree: object
+    key: str
+    fingerprint: object
+    phenotype: object
+    sign: int
+    fitness: float | None = None
+    age: int = 0
+    birth: int = 0
+    phase: str = "child"
+
+
+class SearchStopped(Exception):
+    pass
+
+
+class Evolution:
+    def __init__(self, store, cfg: Config, progress=None):
+        from . import screen, symbolic
+
+        self.store, self.cfg, self.progress = store, cfg, progress
+        self.screen, self.symbolic = screen, symbolic
+        s = cfg.search
+        self.pset = load_pset(s.pset)
+        if s.max_depth or s.max_size:  # a run may tighten or loosen the set's size limits
+            self.pset = dataclasses.replace(self.pset, max_height=s.max_depth or self.pset.max_height,
+                                            max_size=s.max_size or self.pset.max_size)
+        self.eval_config = asdict(cfg.surrogate)
+        self.weights = asdict(s.mutation)
+        self.members: dict[int, Cand] = {}   # population (ids -> Cand)
+        self.inflight: dict = {}             # future -> Cand
+        self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
+        self.past = screen.NoveltyIndex()    # evaluated earlier, no longer members: reuse
+        self.past_rows: dict[int, dict] = {}
+        self.stop_reason = None
+        self.best = None
+
+    # ------------------------------------------------------------------ resume from the store
+    def _load(self):
+        st = self.store.state()
+        # A finished run resumed with a larger `children` simply carries on evolving.
+        self.phase = {"done": "evolve"}.get(st.get("phase", "initial"), st.get("phase", "initial"))
+        self.next_init = st.get("next_init", 0)
+        self.next_birth = st.get("next_birth", 1)
+        self.children_done = st.get("children_done", 0)
+        self.refs_done = st.get("refs_done", False)
+        member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
+        self.pending_rows = []
+        for row in self.store.candidates():
+            if row["phase"] == "reference" or row["status"] not in ("evaluated", "reused",
+                                                                       "failed", "pending"):
+                if row["phase"] == "reference" and row["status"] == "pending":
+                    self.pending_rows.append((row, None))
+                continue
+            cand = self._cand_from_row(row)
+            if row["status"] == "pending":
+                self.pending_rows.append((row, cand))
+                self.pool.add(cand.id, cand.key, cand.fingerprint)
+            elif row["id"] in member_ids:
+                cand.age = member_ids[row["id"]]
+                self._add_member(cand)
+            elif self.phase == "initial" and row["phase"] == "initial":
+                self.pool.add(cand.id, cand.key, cand.fingerprint)
+                self.past_rows[cand.id] = row
+            else:
+                self._add_past(cand, row)
+        for cand in self.members.values():
+            self._note_best(cand)
+
+    def _cand_from_row(self, row) -> Cand:
+        tree = parse(row["expr"], self.pset)
+        scr = self.screen.screen(tree, self.pset)
+        sign = row["sign"] if row["sign"] is not None else scr.sign
+        return Cand(row["id"], tree, row["key"], scr.fingerprint,
+                    self.screen.phenotype(scr.curve, sign) if scr.curve is not None else None,
+                    sign, row["fitness"] if row["status"] in ("evaluated", "reused") else None,
+                    birth=row["birth"] or 0, phase=row["phase"])
+
+    # ------------------------------------------------------------------ bookkeeping helpers
+    def _rng(self, *parts) -> random.Random:
+        # str seeds are hashed with SHA-512 by random.seed: stable across processes/PYTHONHASHSEED
+        return random.Random("/".join(str(p) for p in (self.cfg.search.seed,) + parts))
+
+    def _add_member(self, cand: Cand):
+        self.members[cand.id] = cand
+        self.pool.add(cand.id, cand.key, cand.fingerprint)
+
+    def _add_past(self, cand: Cand, row: dict):
+        self.past.add(cand.id, cand.key, cand.fingerprint)
+        self.past_rows[cand.id] = row
+
+    def _note_best(self, cand: Cand):
+        if cand.fitness is not None and (self.best is None or cand.fitness > self.best.fitness):
+            self.best = cand
+            if self.progress is not None:
+                self.progress.best(cand.fitness, to_text(cand.tree, self.pset))
+
+    def _wall(self) -> float:
+        return self.wall_base + time.monotonic() - self.t_start
+
+    def _state(self, **extra):
+        self.store.set_state(phase=self.phase, next_init=self.next_init,
+                             next_birth=self.next_birth, children_done=self.children_done,
+                             refs_done=self.refs_done, wall_seconds=self._wall(), **extra)
+
+    # ------------------------------------------------------------------ screening + novelty
+    def _vet(self, tree):
+        """('rejected'|'duplicate'|'near_duplicate', reason) or ('new'|'reuse', Cand-ish info)."""
+        scr = self.screen.screen(tree, self.pset)
+        if not scr.accepted:
+            return "rejected", scr.reason, scr
+        key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
+        hit = self.pool.find(key, scr.fingerprint)
+        if hit is not None:
+            return "duplicate", f"same as #{hit}", (scr, key)
+        tol = self.cfg.search.phenotype_tolerance
+        phen = self.screen.phenotype(scr.curve, scr.sign)
+        if tol > 0 and phen is not None:
+            others = [c.phenotype for c in self.members.values() if c.phenotype is not None]
+            if self.screen.near_duplicate(phen, others, tol):
+                return "near_duplicate", "phenotype within tolerance", (scr, key)
+        past = self.past.find(key, scr.fingerprint)
+        return ("reuse" if past is not None else "new"), past, (scr, key, phen)
+
+    def _reject_row(self, tree, status, reason, phase, birth, parent, kind, secs):
+        return dict(expr=to_text(tree, self.pset), status=status, reason=str(reason),
+                    phase=phase, birth=birth, parent_id=parent, mutation=kind,
+                    engine_seconds=secs)
+
+    # ------------------------------------------------------------------ proposals
+    def _propose_reference(self):
+        s, todo = self.cfg.search, []
+        with self.store.transaction():
+            for i, expr in enumerate(s.reference):
+                tree = parse(expr, self.pset)
+                integ = self.screen.integrity(tree, self.pset)
+                sign = integ.sign if integ.accepted else 1
+                cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
+                                               phase="reference", birth=i, sign=sign,
+                                               reason=f"reference {expr}")
+                todo.append((cid, to_text(tree, self.pset), sign, None))
+            self.refs_done = True
+            self._state()
+        for job in todo:
+            self._submit(*job)
+
+    def _propose_initial(self):
+        """Propose initial candidate number next_init (seeds first, then random trees)."""
+        s, i = self.cfg.search, self.next_init
+        rows, t0 = [], time.perf_counter()
+        seeds = list(s.seed_with)
+        rng = self._rng("initial", i)
+        while True:
+            t1 = time.perf_counter()
+            if i < len(seeds):
+                tree, forced = parse(seeds[i], self.pset), True
+            else:
+                tree, forced = random_tree(self.pset, rng), False
+            status, info, extra = self._vet(tree)
+            if forced and status in ("rejected", "near_duplicate", "reuse"):
+                scr = extra if status == "rejected" else extra[0]
+                key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
+                status, info, extra = "new", None, (scr, key, None)
+            if status in ("new", "reuse"):
+                break
+            rows.append(self._reject_row(tree, status, info, "initial", i, None, None,
+                                         time.perf_counter() - t1))
+            if forced:  # a seed that duplicates an earlier one: skip it
+                tree = None
+                break
+        with self.store.transaction():
+            for r in rows:
+                self.store.add_candidate(**r)
+            if tree is not None:
+                scr, key, phen = extra
+                cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
+                                               phase="initial", birth=i, key=key, sign=scr.sign,
+                                               engine_seconds=time.perf_counter() - t0)
+                cand = Cand(cid, tree, key, scr.fingerprint, phen, scr.sign, birth=i,
+                            phase="initial")
+                self.pool.add(cid, key, scr.fingerprint)
+            self.next_init = i + 1
+            self._state()
+        if tree is not None:
+            self._submit(cid, to_text(tree, self.pset), scr.sign, cand)
+
+    def _tournament(self, rng) -> Cand:
+        ids = sorted(self.members)
+        picks = [self.members[rng.choice(ids)] for _ in range(self.cfg.search.tournament)]
+        return max(picks, key=lambda c: (c.fitness, -c.id))
+
+    def _propose_child(self):
+        s, n = self.cfg.search, self.next_birth
+        rows, t0 = [], time.perf_counter()
+        for rnd in range(MAX_ROUNDS):
+            rng = self._rng("child", n, rnd)
+            parent = self._tournament(rng)
+            for _ in range(s.max_retries):
+                t1 = time.perf_counter()
+                child, kind = mutate(parent.tree, self.pset, rng, self.weights)
+                if child is None:
+                    rows.append(self._reject_row(parent.tree, "rejected", "no_valid_mutation",
+                                                 "child", n, parent.id, kind, 0.0))
+                    continue
+                status, info, extra = self._vet(child)
+                if status in ("new", "reuse"):
+                    return self._commit_child(n, rows, child, kind, parent, status, info,
+                                              extra, t0)
+                rows.append(self._reject_row(child, status, info, "child", n, parent.id, kind,
+                                             time.perf_counter() - t1))
+            rows.append(self._reject_row(parent.tree, "rejected", "max_retries", "child", n,
+                                         parent.id, None, 0.0))
+        raise SearchStopped(f"no acceptable child after {MAX_ROUNDS} parents x "
+                            f"{s.max_retries} retries: the search space looks exhausted")
+
+    def _commit_child(self, n, rows, child, kind, parent, status, past_id, extra, t0):
+        scr, key, phen = extra
+        text = to_text(child, self.pset)
+        cand = Cand(0, child, key, scr.fingerprint, phen, scr.sign, birth=n, age=n)
+        with self.store.transaction():
+            for r in rows:
+                self.store.add_candidate(**r)
+            common = dict(phase="child", birth=n, key=key, sign=scr.sign, parent_id=parent.id,
+                          mutation=kind)
+            if status == "reuse":
+                old = self.past_rows[past_id]
+                ok = old["status"] in ("evaluated", "reused") and old["fitness"] is not None
+                cand.id = self.store.add_candidate(
+                    text, "reused", reason=f"same as #{past_id}",
+                    fitness=old["fitness"] if ok else None, result=old.get("result"),
+                    engine_seconds=time.perf_counter() - t0, **common)
+                cand.fitness = old["fitness"] if ok else None
+                self.children_done += 1
+                if ok:
+                    self._insert(cand)
+                else:
+                    self._add_past(cand, {**old, "id": cand.id})
+            else:
+                cand.id = self.store.add_candidate(text, "pending",
+                                                   engine_seconds=time.perf_counter() - t0,
+                                                   **common)
+                self.pool.add(cand.id, key, scr.fingerprint)
+            self.next_birth = n + 1
+            self._state()
+        if status == "reuse":
+            if self.progress is not None:
+                self.progress.advance()
+        else:
+            self._submit(cand.id, text, scr.sign, cand)
+
+    def _insert(self, cand: Cand):
+        """Add a successful child to the population and age out the oldest (in a transaction)."""
+        self.store.add_member(cand.id, cand.age)
+        self._add_member(cand)
+        self._note_best(cand)
+        if len(self.members) > self.cfg.search.population:
+            oldest = min(self.members.values(), key=lambda c: (c.age, c.fitness, c.id))
+            self.store.remove_member(oldest.id)
+            del self.members[oldest.id]
+            self.pool.remove(oldest.id)
+            self._add_past(oldest, self.store.candidate(oldest.id))
+
+    # ------------------------------------------------------------------ evaluations
+    def _submit(self, cid, text, sign, cand):
+        fut = self.executor.submit(evaluate, text, self.pset.source, self.eval_config,
+                                   self.cfg.surrogate.seed, sign)
+        self.inflight[fut] = (cid, cand)
+
+    def _complete(self, fut):
+        cid, cand = self.inflight.pop(fut)
+        t0 = time.perf_counter()
+        try:
+            res = fut.result()
+        except Exception as exc:  # the worker died or raised outside evaluate()
+            res = {"status": "failed", "reason": f"worker: {type(exc).__name__}: {exc}"[:300],
+                   "fitness": 0.0, "seconds": 0.0}
+        ok = res.get("status") == "ok"
+        fitness = float(res["fitness"]) if ok else None
+        with self.store.transaction():
+            row = self.store.candidate(cid)
+            row.update(status="evaluated" if ok else "failed",
+                       reason=None if ok else res.get("reason"), fitness=fitness,
+                       seconds=res.get("seconds"), result=res)
+            if cand is not None:
+                cand.fitness = fitness
+                if cand.phase == "child":
+                    self.pool.remove(cid)
+                    self.children_done += 1
+                    if ok:
+                        self._insert(cand)
+                    else:
+                        self._add_past(cand, row)
+                else:  # initial: stays in the pool until every initial evaluation is back
+                    self.past_rows[cid] = row
+                    if ok:
+                        self._note_best(cand)
+            self._state()
+            engine = (row["engine_seconds"] or 0.0) + time.perf_counter() - t0
+            self.store.update_candidate(cid, status=row["status"], reason=row["reason"],
+                                        fitness=fitness, seconds=row["seconds"], result=res,
+                                        engine_seconds=engine)
+        if self.progress is not None:
+            self.progress.advance()
+        log.debug("#%d %s %s", cid, res.get("status"), fitness)
+
+    def _select_initial(self):
+        """End of the initial phase: the best `population` successes, all equally old."""
+        rows = [r for r in self.store.candidates(phase="initial") if r["status"] == "evaluated"]
+        if not rows:
+            raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
+        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
+        keep = rows[:self.cfg.search.population]
+        with self.store.transaction():
+            self.store.replace_population([(r["id"], 0) for r in keep])
+            self.phase = "evolve"
+            self._state()
+        self.pool, self.past, self.past_rows = (self.screen.NoveltyIndex(),
+                                                self.screen.NoveltyIndex(), {})
+        self.members = {}
+        self._load()
+        log.info("initial population: %d members, best fitness %.4f", len(self.members),
+                 keep[0]["fitness"])
+
+    # ------------------------------------------------------------------ the loop
+    def _fill(self):
+        s, ex = self.cfg.search, self.cfg.executor
+        workers = 1 if ex.kind == "serial" else max(1, ex.workers)
+        while len(self.inflight) < workers and self.stop_reason is None:
+            if s.max_minutes and time.monotonic() - self.t_start > 60 * s.max_minutes:
+                self.stop_reason = "max_minutes"
+            elif not self.refs_done and s.reference:
+                self._propose_reference()
+            elif self.phase == "initial" and self.next_init < len(s.seed_with) + s.initial:
+                self._propose_initial()
+            elif self.phase == "evolve" and self.children_done + len(self.inflight) < s.children:
+                self._propose_child()
+            else:
+                return
+
+    def run(self) -> dict:
+        """Run (or resume) until done, the time limit, or Ctrl-C; returns a short summary."""
+        self.t_start = time.monotonic()
+        self.wall_base = self.store.get_state("wall_seconds", 0.0)
+        self._load()
+        ex_cfg = self.cfg.executor
+        self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads)
+        try:
+            for row, cand in self.pending_rows:  # resume: re-submit what was in flight
+                self._submit(row["id"], row["expr"], row["sign"] or 1, cand)
+            while True:
+                self._fill()
+                if self.inflight:
+                    done, _ = wait_first(list(self.inflight))
+                    for fut in sorted(done, key=lambda f: self.inflight[f][0]):
+                        self._complete(fut)
+                    continue
+                if self.stop_reason:
+                    break
+                if self.phase == "initial":
+                    self._select_initial()
+                    continue
+                self.phase = "done"
+                self._state()
+                self.stop_reason = "finished"
+                break
+        except KeyboardInterrupt:
+            self.stop_reason = "interrupted"
+        except SearchStopped as exc:
+            self.stop_reason = str(exc)
+        finally:
+            self.executor.shutdown(wait=False, cancel=True)
+        return {"stop_reason": self.stop_reason, "children": self.children_done,
+                "best_fitness": self.best.fitness if self.best else None,
+                "best_expr": to_text(self.best.tree, self.pset) if self.best else None}
+
+
+def start_run(run_dir, cfg: Config, meta: dict | None = None):
+    """Create the store for a new run (refuses a directory that already holds one)."""
+    from .store import RunStore
+
+    return RunStore.create(run_dir, config_to_dict(cfg), meta or {})

@@ -1,0 +1,40 @@
+"""Fitness: the one function workers run.
+
+``evaluate(expr, pset_name, eval_config, seed, sign)`` receives plain data only -- the
+expression text, the primitive-set name, the surrogate config as a dict and a seed -- parses the
+text with our parser, compiles the loss from the printer's source (the same text ``export``
+writes) and trains the surrogate (``train.py``). It returns a small plain dict; it never touches
+the run store (only the driver writes it). Any exception becomes a ``failed`` result with its
+reason, so one bad candidate never stops a search.
+"""
+from __future__ import annotations
+
+import time
+
+
+def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: int = 1,
+             with_test: bool = False) -> dict:
+    """Train the surrogate with the loss ``expr`` (oriented by ``sign``); a plain result dict.
+
+    Keys: status ('ok'|'failed'), reason, fitness (best validation accuracy), val_acc,
+    test_acc (only ``with_test``), train_acc, steps, seconds, device, expr.
+    """
+    t0 = time.perf_counter()
+    try:
+        from .codegen import compile_loss
+        from .train import train_candidate
+        from .trees import parse
+
+        # The text comes from our own driver/store; the safe parser still checks it, with
+        # limits loose enough for runs configured above the set's defaults.
+        tree = parse(expr, pset_name, max_height=1000, max_size=10_000)
+        loss_fn, _ = compile_loss(tree, pset_name, sign)
+        device = eval_config.get("device", "auto")
+        result = train_candidate(loss_fn, eval_config, seed=seed, device=device,
+                                 with_test=with_test)
+    except Exception as exc:  # a broken candidate is a result, not a crash of the search
+        result = {"status": "failed", "reason": f"error: {type(exc).__name__}: {exc}"[:300],
+                  "fitness": 0.0, "val_acc": None, "test_acc": None, "train_acc": None,
+                  "steps": 0, "seconds": time.perf_counter() - t0, "device": None}
+    result["expr"] = expr
+    return result

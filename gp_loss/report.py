@@ -1,0 +1,117 @@
+"""Reading a run for people: the summary behind ``gp-loss show`` and the end-of-search table.
+
+Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula`` with a small
+time budget, computed here for the few rows shown rather than for every candidate in the loop
+(the engine's time belongs to the search). Also the tqdm progress bar the search loop drives.
+"""
+from __future__ import annotations
+
+from .psets import load_pset
+from .trees import parse
+
+
+def summary(store, top: int = 10, formulas: bool = True) -> dict:
+    """The ``show --json`` object: top, counts, seconds, reference, state, config."""
+    from . import symbolic
+
+    cfg = store.config()
+    pset = load_pset(cfg.get("search", {}).get("pset", "paper"))
+    rows = [r for r in store.top(top) if r["phase"] != "reference"] if top else []
+    if top and len(rows) < top:  # top() may spend rows on references; ask for a few more
+        rows = [r for r in store.top(top + 8) if r["phase"] != "reference"][:top]
+
+    def formula(expr):
+        if not formulas:
+            return None
+        try:
+            return symbolic.formula(parse(expr, pset, max_height=10**4, max_size=10**4), pset,
+                                    budget_s=1.0)
+        except Exception:  # a display nicety must never break `show`
+            return expr
+
+    top_rows = [{"id": r["id"], "expr": r["expr"], "formula": formula(r["expr"]),
+                 "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
+                 "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"]}
+                for r in rows]
+    counts = store.counts()
+    refs = [{"expr": r["expr"], "name": (r["reason"] or "").replace("reference ", "") or r["expr"],
+             "fitness": r["fitness"], "status": r["status"]}
+            for r in store.candidates(phase="reference")]
+    state = store.state()
+    return {
+        "top": top_rows,
+        "counts": {
+            "evaluated": counts["evaluated"], "reused": counts["reused"],
+            "failed": counts["failed"], "pending": counts["pending"],
+            "duplicates": counts["duplicate"], "near_duplicates": counts["near_duplicate"],
+            "rejected": store.reason_counts("rejected"),
+            "failed_reasons": _short_reasons(store.reason_counts("failed")),
+            "children": state.get("children_done", 0),
+        },
+        "seconds": store.seconds(),
+        "reference": refs,
+        "state": {k: state.get(k) for k in ("phase", "children_done", "next_birth")},
+        "config": {"pset": pset.name, "dataset": cfg["surrogate"]["dataset"],
+                   "model": cfg["surrogate"]["model"], "steps": cfg["surrogate"]["steps"],
+                   "children": cfg["search"]["children"],
+                   "population": cfg["search"]["population"]},
+    }
+
+
+def _short_reasons(reasons: dict) -> dict:
+    out: dict = {}
+    for reason, n in reasons.items():
+        short = reason.split(" at step")[0][:80]
+        out[short] = out.get(short, 0) + n
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """A plain-text hall of fame with cross-entropy's fitness under the same budget."""
+    lines = []
+    c = s["config"]
+    lines.append(f"Best losses ({c['pset']} set; {c['dataset']} / {c['model']}, "
+                 f"{c['steps']} steps; fitness = best validation accuracy)")
+    lines.append(f"{'rank':>4}  {'fitness':>7}  {'id':>5}  formula   [expression]")
+    for i, r in enumerate(s["top"], 1):
+        sign = "" if r["sign"] in (1, None) else "  (sign -1)"
+        lines.append(f"{i:>4}  {r['fitness']:>7.4f}  {r['id']:>5}  {r['formula']}   "
+                     f"[{r['expr']}]{sign}")
+    for ref in s["reference"]:
+        fit = f"{ref['fitness']:.4f}" if ref["fitness"] is not None else ref["status"]
+        lines.append(f"{'ref':>4}  {fit:>7}  {'':>5}  {ref['name']} (same budget and seed)")
+    k = s["counts"]
+    rejected = sum(k["rejected"].values())
+    lines.append(f"children {k['children']}; evaluated {k['evaluated']}, reused {k['reused']}, "
+                 f"failed {k['failed']}, duplicates {k['duplicates']}, near-duplicates "
+                 f"{k['near_duplicates']}, rejected {rejected}")
+    if k["rejected"]:
+        lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in
+                                                          list(k["rejected"].items())[:8]))
+    if k["failed_reasons"]:
+        lines.append("  failed by reason: " + ", ".join(f"{r} {n}" for r, n in
+                                                        list(k["failed_reasons"].items())[:6]))
+    sec = s["seconds"]
+    wall = sec.get("wall") or 0.0
+    lines.append(f"seconds: wall {wall:.1f}, surrogate {sec['surrogate']:.1f} (summed over "
+                 f"workers), engine {sec['engine']:.1f}")
+    return "\n".join(lines)
+
+
+class Progress:
+    """tqdm bar for the search loop: candidates done, best fitness and its expression."""
+
+    def __init__(self, total: int, done: int, disable: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="cand", disable=disable,
+                        dynamic_ncols=True, desc="search")
+
+    def advance(self):
+        self.bar.update(1)
+
+    def best(self, fitness: float, expr: str):
+        self.bar.set_postfix_str(f"best {fitness:.4f} {expr[:70]}", refresh=False)
+
+    def close(self):
+        self.bar.close()
