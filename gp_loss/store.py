@@ -1,0 +1,451 @@
+"""The SQLite run store, ``RUN_DIR/run.sqlite`` (stdlib sqlite3, WAL).
+
+Fed by the search driver (the only writer: the evolution loop, ``eliminate``, the fitness cache);
+read by ``show`` / ``plot`` / ``export`` through read-only connections. It holds the resolved
+config and the environment (``meta``), every proposal and candidate (``candidates``), the
+population membership (``population``), a canonical key -> best result lookup
+(``fitness_cache``) and the loop's resumable counters (``state``).
+
+Atomicity: group the writes of one step in ``with store.transaction():`` — e.g. "child N
+evaluated + population updated + counters advanced" — and a SIGKILL at any moment leaves either
+the state before or the state after. Evaluations in flight are rows with status ``pending``;
+resume re-submits exactly those.
+
+The schema is ``_SCHEMA`` below (version ``SCHEMA_VERSION``, kept in ``PRAGMA user_version``);
+the ``meta`` table and its ``application`` key are never changed by later versions, so any
+gp-loss can tell its stores from foreign files and newer ones.
+Rows come back as dicts with the column names, except that ``result_json`` and ``timings`` are
+decoded (``result``, ``timings``) and population rows carry ``age_order``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+SCHEMA_VERSION = 1
+APPLICATION = "gp-loss"
+STORE_NAME = "run.sqlite"
+STATUSES = ("evaluated", "reused", "failed", "rejected", "duplicate", "near_duplicate",
+            "pending")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_COLUMNS = ("phase", "birth", "expr", "formula", "key", "parent_id", "mutation", "status",
+            "reason", "fitness", "sign", "seconds", "engine_seconds", "timings", "result",
+            "fingerprint", "created")
+
+_SCHEMA = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
+CREATE TABLE candidates (              -- every proposal and candidate, in creation order
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    phase TEXT NOT NULL DEFAULT 'child',  -- 'initial' | 'child' | 'reference' | ...
+    birth INTEGER,                     -- number within its phase (a child's birth number)
+    expr TEXT NOT NULL, formula TEXT, key TEXT,  -- key: canonical key
+    parent_id INTEGER REFERENCES candidates(id), mutation TEXT,
+    status TEXT NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in STATUSES)})),
+    reason TEXT,                       -- why rejected / failed
+    fitness REAL, sign INTEGER,
+    seconds REAL,                      -- surrogate training seconds (in the worker)
+    engine_seconds REAL,               -- driver seconds: generate, screen, dedup, store
+    timings TEXT,                      -- JSON: stage -> seconds
+    result_json TEXT,                  -- JSON: what the evaluation returned
+    fingerprint BLOB,                  -- gradient fingerprint, so resume need not recompute
+    created REAL NOT NULL              -- unix time
+);
+CREATE INDEX candidates_status ON candidates(status, reason);
+CREATE INDEX candidates_key ON candidates(key);
+CREATE INDEX candidates_birth ON candidates(phase, birth);
+CREATE TABLE population (              -- lower age_order = older; equal = equally old
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
+    age_order INTEGER NOT NULL
+);
+CREATE TABLE fitness_cache (           -- canonical key -> best stored result
+    key TEXT PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    fitness REAL, sign INTEGER, status TEXT NOT NULL
+);
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- the loop's; JSON values
+"""
+
+
+class StoreError(RuntimeError):
+    """The run store is missing, not ours, corrupt, too new, already there, or read-only."""
+
+
+def store_path(run_dir: str | os.PathLike) -> Path:
+    """Where the store of ``run_dir`` lives."""
+    return Path(run_dir) / STORE_NAME
+
+
+def _git_info() -> dict:
+    """Commit (and dirtiness) of the checkout this package runs from, if it runs from one.
+
+    Only when the package directory sits at the top of a git work tree: an installed copy in a
+    venv inside some repository must not report that repository's commit.
+    """
+    pkg = Path(__file__).resolve().parent
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True,
+                                 timeout=5, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != pkg.parent:
+        return {"git_commit": None}
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if dirty is None else dirty != ""}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions and provenance recorded in every new store (no torch import needed)."""
+    return {
+        "gp_loss_version": _version("gp-loss"),
+        **_git_info(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "packages": {d: _version(d) for d in ("numpy", "sympy", "deap", "scikit-learn")},
+        "platform": platform.platform(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _encode(field: str, value: Any) -> tuple[str, Any]:
+    if field not in _COLUMNS:
+        raise TypeError(f"unknown candidate field {field!r}")
+    if field in ("result", "timings") and value is not None:
+        value = json.dumps(value, sort_keys=True)
+    return ("result_json" if field == "result" else field), value
+
+
+def _row(row: sqlite3.Row | None) -> dict | None:
+    if row is None:
+        return None
+    out = dict(row)
+    if "result_json" in out:
+        out["result"] = out.pop("result_json")
+    for name in ("result", "timings"):
+        if out.get(name) is not None:
+            out[name] = json.loads(out[name])
+    return out
+
+
+class RunStore:
+    """One run store; use ``RunStore.create`` or ``RunStore.open``, close it (or use ``with``)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool):
+        self._conn = conn
+        self.path = path
+        self.run_dir = path.parent
+        self.readonly = readonly
+        self._depth = 0
+
+    # -- opening -------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(run_dir: str | os.PathLike) -> bool:
+        """True when ``run_dir`` already holds a store file (ours or not)."""
+        return store_path(run_dir).exists()
+
+    @classmethod
+    def create(cls, run_dir: str | os.PathLike, config: Mapping, meta: Mapping | None = None
+               ) -> "RunStore":
+        """Create a new store in ``run_dir`` (made if needed); refuses if one is already there."""
+        path = store_path(run_dir)
+        if path.exists():
+            raise StoreError(f"{run_dir} already holds a run; continue it with "
+                             f"`gp-loss resume {run_dir}` or choose another --run-dir")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create run directory {run_dir}: {exc}") from None
+        # Build the file aside and link it into place, so a crash never leaves a half-made
+        # store under the real name and two concurrent creators cannot both succeed.
+        tmp = path.with_name(f".{STORE_NAME}.creating-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        values = {**environment(), **(meta or {}), "config": dict(config),
+                  "application": APPLICATION, "schema_version": SCHEMA_VERSION}
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.executescript(_SCHEMA)  # a private file until linked: no atomicity needed
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                             [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()])
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise StoreError(f"{run_dir} already holds a run; continue it with "
+                             f"`gp-loss resume {run_dir}`") from None
+        except OSError:  # no hard links on this filesystem: a plain rename will do
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return cls.open(run_dir)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, readonly: bool = False) -> "RunStore":
+        """Open an existing store; a missing, foreign, corrupt or newer store is a StoreError."""
+        path = store_path(run_dir)
+        if not path.is_file():
+            raise StoreError(f"no gp-loss run in {run_dir} ({STORE_NAME} not found)")
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(_SQLITE_MAGIC))
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from None
+        if head != _SQLITE_MAGIC:
+            raise StoreError(f"{path} is not a gp-loss run store (not an SQLite database, "
+                             f"or corrupt)")
+        target = f"{path.resolve().as_uri()}?mode={'ro' if readonly else 'rw'}"
+        conn = sqlite3.connect(target, uri=True, isolation_level=None)
+        try:
+            cls._check(conn, path)
+            if readonly:
+                conn.execute("PRAGMA query_only = 1")
+            else:
+                # WAL: readers never block the driver. synchronous=NORMAL survives a killed
+                # process (only a power cut can drop the last commits, never corrupt).
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("SELECT count(*) FROM candidates").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{path} is corrupt or unreadable: {exc}") from None
+        except StoreError:
+            conn.close()
+            raise
+        return cls(conn, path, readonly)
+
+    @staticmethod
+    def _check(conn: sqlite3.Connection, path: Path) -> None:
+        """Raise StoreError unless the file is a gp-loss store of our schema version."""
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+        except sqlite3.OperationalError:  # no meta table: some other SQLite file
+            row = None
+        if row is None or row[0] != json.dumps(APPLICATION):
+            raise StoreError(f"{path} is not a gp-loss run store")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path} has store schema {version}, newer than this gp-loss "
+                             f"supports ({SCHEMA_VERSION}); upgrade gp-loss to read it")
+        if version < SCHEMA_VERSION:
+            raise StoreError(f"{path} has store schema {version}, older than this gp-loss "
+                             f"reads ({SCHEMA_VERSION}) and no migration exists")
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- transactions --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["RunStore"]:
+        """All writes inside commit together or not at all; nests (inner = savepoint)."""
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
+        outer, name = self._depth == 0, f"sp{self._depth}"
+        self._conn.execute("BEGIN IMMEDIATE" if outer else f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield self
+            self._conn.execute("COMMIT" if outer else f"RELEASE {name}")
+        except BaseException:
+            if not outer:
+                self._conn.execute(f"ROLLBACK TO {name}")
+                self._conn.execute(f"RELEASE {name}")
+            elif self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._depth -= 1
+
+    def _write(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        with self.transaction():
+            return self._conn.execute(sql, params)
+
+    # -- meta and state ------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        """Every meta entry (config, versions, device, created, ...), JSON-decoded."""
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+
+    def config(self) -> dict:
+        """The resolved config recorded at creation (feed it to config.config_from_dict)."""
+        return self.meta()["config"]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Set one meta entry (JSON-encodable value)."""
+        self._write("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    (key, json.dumps(value, sort_keys=True)))
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        """One value of the loop's resumable state, or ``default``."""
+        row = self._conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def state(self) -> dict:
+        """The whole resumable state as a dict."""
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM state")}
+
+    def set_state(self, values: Mapping[str, Any] | None = None, **kw: Any) -> None:
+        """Set state entries (JSON-encodable values) in one transaction."""
+        items = {**(values or {}), **kw}
+        with self.transaction():
+            self._conn.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
+                                   [(k, json.dumps(v)) for k, v in items.items()])
+
+    # -- candidates ----------------------------------------------------------------------
+
+    def add_candidate(self, expr: str, status: str, **fields: Any) -> int:
+        """Insert a proposal/candidate row; returns its id (fields: see the schema)."""
+        fields.setdefault("created", time.time())
+        cols, vals = ["expr", "status"], [expr, status]
+        for name, value in fields.items():
+            col, val = _encode(name, value)
+            cols.append(col)
+            vals.append(val)
+        cur = self._write(f"INSERT INTO candidates({', '.join(cols)}) "
+                          f"VALUES ({', '.join('?' * len(cols))})", vals)
+        return cur.lastrowid
+
+    def update_candidate(self, candidate_id: int, **fields: Any) -> None:
+        """Change fields of a row (e.g. pending -> evaluated with fitness and result)."""
+        if not fields:
+            return
+        pairs = [_encode(name, value) for name, value in fields.items()]
+        cur = self._write(f"UPDATE candidates SET {', '.join(f'{c} = ?' for c, _ in pairs)} "
+                          f"WHERE id = ?", [v for _, v in pairs] + [candidate_id])
+        if cur.rowcount != 1:
+            raise KeyError(f"no candidate {candidate_id}")
+
+    def candidate(self, candidate_id: int) -> dict | None:
+        """One row by id, or None."""
+        return _row(self._conn.execute("SELECT * FROM candidates WHERE id = ?",
+                                       (candidate_id,)).fetchone())
+
+    def candidates(self, status: str | None = None, phase: str | None = None) -> list[dict]:
+        """Rows in id order, optionally filtered by status and/or phase."""
+        sql = ("SELECT * FROM candidates WHERE (?1 IS NULL OR status = ?1) "
+               "AND (?2 IS NULL OR phase = ?2) ORDER BY id")
+        return [_row(r) for r in self._conn.execute(sql, (status, phase))]
+
+    def pending(self) -> list[dict]:
+        """Evaluations that were in flight (status 'pending'), in submission order."""
+        return self.candidates(status="pending")
+
+    # -- population ----------------------------------------------------------------------
+
+    def add_member(self, candidate_id: int, age_order: int) -> None:
+        """Put a candidate in the population (lower age_order = older)."""
+        self._write("INSERT INTO population(candidate_id, age_order) VALUES (?, ?)",
+                    (candidate_id, age_order))
+
+    def remove_member(self, candidate_id: int) -> None:
+        """Take a candidate out of the population."""
+        cur = self._write("DELETE FROM population WHERE candidate_id = ?", (candidate_id,))
+        if cur.rowcount != 1:
+            raise KeyError(f"candidate {candidate_id} is not a population member")
+
+    def replace_population(self, members: list[tuple[int, int]]) -> None:
+        """Set the whole population at once: (candidate_id, age_order) pairs."""
+        with self.transaction():
+            self._conn.execute("DELETE FROM population")
+            self._conn.executemany(
+                "INSERT INTO population(candidate_id, age_order) VALUES (?, ?)", members)
+
+    def population(self) -> list[dict]:
+        """Member rows (with ``age_order``), oldest first, ties by id."""
+        sql = ("SELECT c.*, p.age_order FROM population p JOIN candidates c "
+               "ON c.id = p.candidate_id ORDER BY p.age_order, c.id")
+        return [_row(r) for r in self._conn.execute(sql)]
+
+    # -- fitness cache -------------------------------------------------------------------
+
+    def cache_get(self, key: str) -> dict | None:
+        """The best stored result for a canonical key: candidate_id, fitness, sign, status."""
+        return _row(self._conn.execute("SELECT * FROM fitness_cache WHERE key = ?",
+                                       (key,)).fetchone())
+
+    def cache_put(self, key: str, candidate_id: int, fitness: float | None, sign: int | None,
+                  status: str) -> None:
+        """Record a result for a key; keeps the better one (a fitness beats none or a lower)."""
+        self._write(
+            "INSERT INTO fitness_cache(key, candidate_id, fitness, sign, status) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "candidate_id = excluded.candidate_id, fitness = excluded.fitness, "
+            "sign = excluded.sign, status = excluded.status "
+            "WHERE excluded.fitness IS NOT NULL AND "
+            "(fitness_cache.fitness IS NULL OR excluded.fitness > fitness_cache.fitness)",
+            (key, candidate_id, fitness, sign, status))
+
+    # -- reading for show / plot / export ------------------------------------------------
+
+    def top(self, k: int = 10, members_only: bool = False, distinct: bool = True) -> list[dict]:
+        """Best candidates with a fitness, best first (ties: earliest id); ``distinct`` keeps
+        one row per canonical key; ``members_only`` looks at the current population only."""
+        source = ("SELECT c.* FROM candidates c JOIN population p ON p.candidate_id = c.id"
+                  if members_only else "SELECT * FROM candidates c")
+        source += " WHERE c.fitness IS NOT NULL AND c.status IN ('evaluated', 'reused')"
+        if distinct:
+            sql = (f"SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY "
+                   f"COALESCE(key, 'id:' || id) ORDER BY fitness DESC, id) AS rank_in_key "
+                   f"FROM ({source})) WHERE rank_in_key = 1 ORDER BY fitness DESC, id LIMIT ?")
+        else:
+            sql = f"{source} ORDER BY c.fitness DESC, c.id LIMIT ?"
+        rows = [_row(r) for r in self._conn.execute(sql, (k,))]
+        for r in rows:
+            r.pop("rank_in_key", None)
+        return rows
+
+    def counts(self, phase: str | None = None) -> dict[str, int]:
+        """Number of rows per status (every status present, zeros included)."""
+        sql = "SELECT status, count(*) FROM candidates WHERE ?1 IS NULL OR phase = ?1 GROUP BY 1"
+        return {**dict.fromkeys(STATUSES, 0), **dict(self._conn.execute(sql, (phase,)))}
+
+    def reason_counts(self, status: str = "rejected") -> dict[str, int]:
+        """Number of rows per reason for one status, most frequent first."""
+        return dict(self._conn.execute(
+            "SELECT COALESCE(reason, ''), count(*) AS n FROM candidates WHERE status = ? "
+            "GROUP BY 1 ORDER BY n DESC, 1", (status,)))
+
+    def seconds(self) -> dict[str, float | None]:
+        """Summed ``surrogate`` (training) and ``engine`` (driver) seconds, and ``wall`` from
+        the state key ``wall_seconds`` when the loop keeps it."""
+        surrogate, engine = self._conn.execute(
+            "SELECT COALESCE(sum(seconds), 0), COALESCE(sum(engine_seconds), 0) "
+            "FROM candidates").fetchone()
+        return {"surrogate": float(surrogate), "engine": float(engine),
+                "wall": self.get_state("wall_seconds")}

@@ -1,0 +1,281 @@
+"""Training loop with the candidate loss injected; returns a small metrics dict.
+
+Fed by: `fitness.py` (a loss compiled from our printer's source, the `surrogate` section of the
+evaluation config as a plain dict, the run's seed), and by `train`/`compare` on the command line.
+Uses `data.load_splits` for the tensors and `models.build_model` for the network.
+
+The loop is airbench-style: every split lives on the device as one tensor, a batch is an index
+slice of a per-epoch permutation, and nothing syncs with the device except at the few
+"event" steps (evaluation, pre-screen, mid-run check). The search trains thousands of small
+candidates, so per-step Python and dispatch overhead is the cost that matters. The caller
+chooses the torch thread count (a search worker should use 1: the models are too small to
+gain from more, and spinning OpenMP threads slow everything on a shared 2-core machine).
+
+Hyperparameters (`SURROGATE_DEFAULTS`) and why:
+
+  dataset "digits", model "tinycnn"  real data, ~1.3 s per candidate on one CPU thread.
+  steps 400                ~21 epochs of digits at batch 64: cross-entropy reaches ~0.97 val
+                           accuracy (best of the run), short of saturation, so losses that
+                           learn more slowly still score lower.
+  batch_size 64            the paper's scored surrogate batch size.
+  lr 2e-3                  Adam peak; above the paper's 1e-3 because the run is 20x shorter.
+  warmup_fraction 0.1      the paper's shape: 800 warm-up steps of 8000, then cosine to 0.
+  eval_every 0             = once per epoch of the training split (the paper: each epoch).
+  train/val/test_fraction  1.0 / 0.15 / 0.15: a fixed stratified split; test is for reporting.
+  split_seed 0             the split is a property of the run, not of the candidate's seed.
+  prescreen_steps 100,     the paper's pre-screen (best training accuracy < 0.35 fails), at a
+  prescreen_min_acc 0.35   quarter of the budget: hopeless losses stop after 1/4 of the cost.
+  midrun_step 0 (off),     the paper's mid-run rule (training accuracy < 0.22 stops the run);
+  midrun_min_acc 0.22      off by default because 400 steps are short already.
+  timeout_s 0 (none)       a wall-clock guard for pathological candidates on shared machines.
+  weight_decay 0.0         the paper uses Adam without weight decay.
+
+Training accuracy is counted over "windows" (the steps since the previous event); the
+pre-screen compares the best window so far with its threshold, the mid-run rule the latest
+window, like the Keras epoch accuracies of the authors' code.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Callable
+
+import torch
+
+from .data import load_splits, resolve_device
+from .models import build_model
+
+__all__ = ["SURROGATE_DEFAULTS", "train_candidate", "lr_schedule"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SURROGATE_DEFAULTS: dict = {
+    "dataset": "digits",
+    "data_root": "",
+    "model": "tinycnn",
+    "steps": 400,
+    "batch_size": 64,
+    "lr": 2e-3,
+    "warmup_fraction": 0.1,
+    "eval_every": 0,
+    "train_fraction": 1.0,
+    "val_fraction": 0.15,
+    "test_fraction": 0.15,
+    "split_seed": 0,
+    "prescreen_steps": 100,
+    "prescreen_min_acc": 0.35,
+    "midrun_step": 0,
+    "midrun_min_acc": 0.22,
+    "timeout_s": 0,
+    "weight_decay": 0.0,
+}
+
+_EVAL_CHUNK = 4096  # bounds activation memory when a split is evaluated in one go
+# Device types where reading the loss every step is cheap (no asynchronous queue to stall).
+_SYNC_EACH_STEP = {"cpu"}
+
+
+def _config(surrogate: dict) -> dict:
+    """Defaults overlaid with the known keys of `surrogate` (unknown keys are ignored: the
+    evaluation config may carry settings for other stages), with types and ranges checked."""
+    cfg = dict(SURROGATE_DEFAULTS)
+    cfg.update({k: v for k, v in (surrogate or {}).items() if k in SURROGATE_DEFAULTS})
+    for key in ("steps", "batch_size", "eval_every", "split_seed", "prescreen_steps",
+                "midrun_step"):
+        cfg[key] = int(cfg[key])
+    for key in ("lr", "warmup_fraction", "train_fraction", "val_fraction", "test_fraction",
+                "prescreen_min_acc", "midrun_min_acc", "timeout_s", "weight_decay"):
+        cfg[key] = float(cfg[key])
+    if cfg["steps"] < 1 or cfg["batch_size"] < 1:
+        raise ValueError("surrogate.steps and surrogate.batch_size must be >= 1")
+    if min(cfg["eval_every"], cfg["prescreen_steps"], cfg["midrun_step"]) < 0:
+        raise ValueError("surrogate.eval_every, prescreen_steps and midrun_step must be >= 0")
+    if not cfg["lr"] > 0 or not 0.0 <= cfg["warmup_fraction"] < 1.0:
+        raise ValueError("surrogate.lr must be > 0 and surrogate.warmup_fraction in [0, 1)")
+    return cfg
+
+
+def lr_schedule(lr: float, steps: int, warmup_fraction: float) -> list[float]:
+    """The paper's shape, one value per step: linear warm-up to `lr` over the first
+    warmup_fraction*steps steps, then half a cosine down to 0 at `steps`."""
+    warm = int(round(warmup_fraction * steps))
+    out = []
+    for s in range(steps):
+        if s < warm:
+            out.append(lr * (s + 1) / warm)
+        else:
+            out.append(lr * 0.5 * (1.0 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    return out
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, x.shape[0], _EVAL_CHUNK):
+        correct += (model(x[i:i + _EVAL_CHUNK]).argmax(1) == y[i:i + _EVAL_CHUNK]).sum()
+    model.train()
+    return correct.item() / max(1, x.shape[0])
+
+
+def _error_reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: dict, dev: torch.device):
+    # The fused kernel does Adam for all parameters in one call: on CPU the per-parameter
+    # for-loop implementation costs about as much as the tiny model's forward pass.
+    params = list(model.parameters())
+    try:
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device/dtype without a fused kernel
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def train_candidate(loss_fn: LossFn, surrogate: dict, *, seed: int = 0, device: str = "cpu",
+                    with_test: bool = False) -> dict:
+    """Train the surrogate with `loss_fn(logits, target_int64) -> scalar` and score it.
+
+    Returns {status: "ok"|"failed", reason: None|str, fitness: best val acc (0.0 before any
+    evaluation), val_acc (same), test_acc (accuracy of the best-val checkpoint, only with
+    with_test, else None), train_acc (latest training window), steps (steps run), seconds,
+    device, weights_hash (digest of the final weights)}. Failure reasons: "nan_loss",
+    "inf_loss", "prescreen", "early_stop", "timeout", "error: <Type>: <message>". On CPU the
+    result is bit-for-bit reproducible for a seed (same torch build and thread count).
+    A bad config (unknown dataset/model, impossible fractions) raises ValueError: that is the
+    caller's error, not the candidate's.
+    """
+    t0 = time.perf_counter()
+    cfg = _config(surrogate)
+    dev = torch.device(resolve_device(device))
+    splits = load_splits(cfg["dataset"], data_root=cfg["data_root"], split_seed=cfg["split_seed"],
+                         val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"],
+                         train_fraction=cfg["train_fraction"], device=dev)
+    # Forking the RNG makes initial weights (and any dropout) a function of `seed` alone,
+    # whatever ran before in this process, and leaves the caller's RNG state untouched.
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = build_model(cfg["model"], splits.in_channels, splits.num_classes,
+                            splits.image_size).to(dev)
+        result = _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
+    x_train, y_train = splits.x_train, splits.y_train
+    n = x_train.shape[0]
+    if n == 0:
+        raise ValueError("the training split is empty (train_fraction too small?)")
+    bs = min(cfg["batch_size"], n)
+    per_epoch = n // bs  # the remainder is dropped: constant batch size keeps BN statistics even
+    steps = cfg["steps"]
+    eval_every = cfg["eval_every"] or per_epoch
+    lrs = lr_schedule(cfg["lr"], steps, cfg["warmup_fraction"])
+    opt = _make_optimizer(model, cfg, dev)
+    group = opt.param_groups[0]
+    # The batch order depends on the seed only, so every candidate of a run sees the same batches.
+    gen = torch.Generator().manual_seed(seed)
+    prescreen, midrun = cfg["prescreen_steps"], cfg["midrun_step"]
+    timeout = cfg["timeout_s"]
+    events = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps}
+                    | {s for s in (prescreen, midrun) if 0 < s <= steps})
+    events.append(steps + 1)  # sentinel: never reached
+    ev_i = 0
+    # On CPU a 0-d .item() is as cheap as any op and gives the exact failing step; on an
+    # accelerator it would stall the queue, so the loss is tracked on-device and checked at
+    # events: `first_bad` holds the latest loss until one is non-finite, then freezes there.
+    check_each_step = dev.type in _SYNC_EACH_STEP
+    first_bad = torch.zeros((), device=dev)
+
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    seen = 0
+    best_val = -1.0
+    best_state = None
+    train_acc = best_train = 0.0
+    status, reason = "ok", None
+    perm = torch.empty(0, dtype=torch.int64)
+    pos = per_epoch  # forces a fresh permutation at step 0
+    model.train()
+    step = 0
+    while step < steps:
+        if pos == per_epoch:
+            perm = torch.randperm(n, generator=gen)[: per_epoch * bs].view(per_epoch, bs).to(dev)
+            pos = 0
+        idx = perm[pos]
+        pos += 1
+        xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
+        group["lr"] = lrs[step]
+        step += 1
+        logits = model(xb)
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss = loss_fn(logits, yb)
+            if check_each_step:
+                value = loss.item()
+                if not math.isfinite(value):
+                    status, reason = "failed", "nan_loss" if math.isnan(value) else "inf_loss"
+                    break
+            else:
+                first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
+            loss.backward()
+        except Exception as exc:  # a candidate's loss may fail in any way; the search goes on
+            status, reason = "failed", _error_reason(exc)
+            break
+        opt.step()
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += bs
+        if timeout and time.perf_counter() - t0 > timeout:
+            status, reason = "failed", "timeout"
+            break
+        if step != events[ev_i]:
+            continue
+        # --- event step: the only place the loop waits for the device ---
+        ev_i += 1
+        if not check_each_step:
+            value = first_bad.item()
+            if not math.isfinite(value):
+                status, reason = "failed", "nan_loss" if math.isnan(value) else "inf_loss"
+                break
+        train_acc = correct.item() / seen
+        best_train = max(best_train, train_acc)
+        correct.zero_()
+        seen = 0
+        if step == prescreen and best_train < cfg["prescreen_min_acc"]:
+            status, reason = "failed", "prescreen"
+            break
+        if step == midrun and train_acc < cfg["midrun_min_acc"]:
+            status, reason = "failed", "early_stop"
+            break
+        if step % eval_every == 0 or step == steps:
+            val = _accuracy(model, splits.x_val, splits.y_val)
+            if val > best_val:
+                best_val = val
+                if with_test:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    weights_hash = _weights_hash(model)  # the final weights, before a checkpoint is restored
+    test_acc = None
+    if with_test and best_state is not None:
+        model.load_state_dict(best_state)
+        test_acc = _accuracy(model, splits.x_test, splits.y_test)
+    fitness = max(best_val, 0.0)
+    return {
+        "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,
+        "test_acc": test_acc, "train_acc": train_acc, "steps": step, "seconds": 0.0,
+        "device": str(dev), "weights_hash": weights_hash,
+    }
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    """Short digest of the final weights and buffers, for bit-for-bit reproducibility checks."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

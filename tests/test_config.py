@@ -1,0 +1,136 @@
+"""Config loading, overrides, validation and the dict round trip (gp_loss.config)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from gp_loss.config import (Config, ConfigError, SurrogateConfig, apply_overrides,
+                            builtin_config_names, builtin_config_path, config_from_dict,
+                            config_to_dict, load_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_surrogate_defaults_are_the_documented_ones():
+    cfg = Config()
+    assert config_from_dict({}) == cfg
+    assert dataclasses.asdict(SurrogateConfig()) == {
+        "dataset": "digits", "data_root": "", "model": "tinycnn", "steps": 400,
+        "batch_size": 64, "lr": 2e-3, "warmup_fraction": 0.1, "eval_every": 0,
+        "train_fraction": 1.0, "val_fraction": 0.15, "test_fraction": 0.15, "split_seed": 0,
+        "seed": 0, "prescreen_steps": 100, "prescreen_min_acc": 0.35, "midrun_step": 0,
+        "midrun_min_acc": 0.22, "timeout_s": 0.0, "weight_decay": 0.0, "device": "auto"}
+    assert cfg.executor.kind == "serial" and cfg.search.phenotype_tolerance == 0.0
+
+
+def test_builtin_configs_load_and_validate():
+    assert {"quick", "paper"} <= set(builtin_config_names())
+    quick = load_config(None)
+    assert quick == load_config(REPO / "search_runs" / "quick.toml") == load_config("quick")
+    assert builtin_config_path("quick.toml") == builtin_config_path("quick")
+    assert quick.surrogate.dataset == "digits" and quick.executor.kind == "process"
+    paper = load_config(REPO / "search_runs" / "paper.toml")
+    s = paper.search
+    assert (s.initial, s.population, s.tournament, s.children) == (1000, 100, 20, 4000)
+    assert (s.phenotype_tolerance, s.max_retries, s.seed_with) == (0.01, 2500, ())
+
+
+def test_overrides_apply_in_order_and_parse_toml_literals():
+    cfg = load_config(None, ["search.population=50", "surrogate.lr=1e-3",
+                             "search.population=7", 'search.seed_with=["ce", "focal"]',
+                             "surrogate.dataset=digits", "search.mutation.node=2",
+                             "executor.kind=serial"])
+    assert cfg.search.population == 7
+    assert cfg.surrogate.lr == 1e-3
+    assert cfg.search.seed_with == ("ce", "focal")
+    assert cfg.search.mutation.node == 2.0 and isinstance(cfg.search.mutation.node, float)
+    assert cfg.executor.kind == "serial"
+    # A bare word or an expression is a string; a list field takes one as a one-item list.
+    one = apply_overrides(cfg, ["search.seed_with=neg(mul(y, log(p)))"])
+    assert one.search.seed_with == ("neg(mul(y, log(p)))",)
+
+
+def test_ints_are_accepted_for_floats_and_round_trip_is_exact(tmp_path):
+    cfg = load_config(None, ["search.max_minutes=3", "surrogate.train_fraction=1"])
+    assert cfg.search.max_minutes == 3.0 and isinstance(cfg.search.max_minutes, float)
+    data = config_to_dict(cfg)
+    assert config_from_dict(data) == cfg
+    assert config_from_dict(json.loads(json.dumps(data))) == cfg
+    assert data["search"]["seed_with"] == [] and data["search"]["mutation"]["node"] == 0.4
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("search.populaton=5", "'search.population'"),
+    ("serach.population=5", "'search'"),
+    ("surrogate.datset=x", "'surrogate.dataset'"),
+    ("search.mutation.nod=1", "'search.mutation.node'"),
+])
+def test_unknown_keys_are_named_with_a_suggestion(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("search.population=true", "search.population", "integer"),
+    ("search.population=2.5", "search.population", "integer"),
+    ("surrogate.lr=[1]", "surrogate.lr", "number"),
+    ("surrogate.lr=true", "surrogate.lr", "number"),
+    ("search.seed_with=[1, 2]", "search.seed_with", "list of non-empty strings"),
+    ("search.mutation=3", "search.mutation", "table"),
+])
+def test_wrong_types_name_the_key_and_the_expected_type(override, key, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("search.population=0", "search.population"),
+    ("search.tournament=0", "search.tournament"),
+    ("search.children=-1", "search.children"),
+    ("executor.workers=0", "executor.workers"),
+    ("executor.kind=threads", "executor.kind"),
+    ("surrogate.train_fraction=0", "surrogate.train_fraction"),
+    ("surrogate.train_fraction=1.5", "surrogate.train_fraction"),
+    ("surrogate.steps=0", "surrogate.steps"),
+    ("surrogate.device=gpu", "surrogate.device"),
+    ("search.mutation.node=-1", "search.mutation.node"),
+    ("search.max_minutes=-1", "search.max_minutes"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_mutation_weights_need_a_positive_sum():
+    zero = [f"search.mutation.{k}=0" for k in ("subtree", "node", "insert", "shrink")]
+    with pytest.raises(ConfigError, match="search.mutation"):
+        load_config(None, zero)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[search\npopulation = 3\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[search]\npopulaton = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown.toml: unknown key 'search.populaton'"):
+        load_config(unknown)
+    partial = tmp_path / "partial.toml"
+    partial.write_text("[surrogate]\nsteps = 7\n")
+    assert load_config(partial).surrogate.steps == 7
+    for item in ("search.population", "population=3", "=3"):
+        with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+            load_config(partial, [item])
+    with pytest.raises(ConfigError, match="no built-in config"):
+        builtin_config_path("nope")
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
