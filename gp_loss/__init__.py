@@ -1,2 +1,157 @@
-"""gp-loss: discover loss functions for image classifiers by genetic programming."""
+"""gp-loss: discover loss functions for image classifiers by genetic programming.
+
+The Python API; the ``gp-loss`` command line (``cli.py``) is a thin layer over it::
+
+    import gp_loss
+    gp_loss.check("neg(mul(y, log(p)))")        # {'accepted': True, 'reason': ..., 'sign': 1}
+    gp_loss.same("mul(y, log(p))", "ce")         # True: same oriented gradient
+    gp_loss.simplify("baikal")["formula"]
+    loss = gp_loss.compile_loss("baikal")        # loss(logits, target) -> scalar tensor
+    gp_loss.export(["ce", "baikal"], "losses.py")
+
+Expressions are text (``neg(mul(y, log(p)))``, a zoo name such as ``baikal``) or parsed
+``deap.gp.PrimitiveTree`` objects; ``pset`` is a set name (``paper``, ``typed``), a ``.toml``
+path or a loaded :class:`~gp_loss.psets.PSet`. Heavy modules (torch, sympy, deap) are imported
+on first use, so ``import gp_loss`` and ``gp-loss --help`` stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "__version__", "InputError", "parse", "to_text", "check", "sign_of", "same", "simplify",
+    "to_source", "compile_loss", "export", "load_pset", "available_psets", "random_tree",
+    "mutate", "ParseError", "PSetError", "ZOO", "EPS",
+]
+
+
+class InputError(ValueError):
+    """Bad user input that is not an expression or primitive-set problem (bad loss name, bad
+    output path, unknown format...). One-line message; the CLI maps it to exit code 2."""
+
+
+# name -> (module, attribute), resolved on first access by the module ``__getattr__``.
+_LAZY = {
+    "ParseError": ("trees", "ParseError"),
+    "random_tree": ("trees", "random_tree"),
+    "mutate": ("trees", "mutate"),
+    "PSetError": ("psets", "PSetError"),
+    "load_pset": ("psets", "load_pset"),
+    "available_psets": ("psets", "available_psets"),
+    "EPS": ("primitives", "EPS"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    if name == "export":
+        # ``gp_loss.export`` is the submodule, made callable: ``gp_loss.export(exprs, path)``
+        # (see ``export.export_exprs``) and ``gp_loss.export.write(...)`` both work.
+        return importlib.import_module(".export", __name__)
+    if name == "ZOO":
+        # The paper set's reference losses, name -> expression text (a fresh copy each time).
+        return dict(_pset("paper").zoo)
+    raise AttributeError(f"module 'gp_loss' has no attribute {name!r}")
+
+
+def _pset(pset):
+    from .psets import load_pset
+    return load_pset(pset)
+
+
+def _tree(expr, pset):
+    """Text -> parsed tree; a tree passes through unchanged."""
+    if isinstance(expr, str):
+        from .trees import parse as _parse
+        return _parse(expr, pset)
+    from deap import gp
+    if isinstance(expr, gp.PrimitiveTree):
+        return expr
+    raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
+
+
+def parse(text: str, pset="paper"):
+    """Expression text (or a zoo name) -> ``deap.gp.PrimitiveTree``; raises ``ParseError``."""
+    from .trees import parse as _parse
+    return _parse(text, pset)
+
+
+def to_text(tree, pset="paper") -> str:
+    """Tree (or text) -> canonical expression text, e.g. ``neg(mul(y, log(p)))``."""
+    from .trees import to_text as _to_text
+    pset = _pset(pset)
+    return _to_text(_tree(tree, pset), pset)
+
+
+def check(expr, pset="paper") -> dict:
+    """Screen an expression before any training (DESIGN §5 steps 1-3: the paper's integrity
+    check, dependence on p and y, finiteness): ``{'accepted', 'reason', 'sign'}``. The sign is
+    the one the integrity check chose (+1 when it rejected)."""
+    from . import screen
+    pset = _pset(pset)
+    result = screen.screen(_tree(expr, pset), pset)
+    sign = result.sign if result.sign in (1, -1) else 1
+    return {"accepted": bool(result.accepted), "reason": str(result.reason or ""), "sign": int(sign)}
+
+
+def sign_of(expr, pset="paper") -> int:
+    """The orientation the integrity check gives ``expr`` (+1 or -1; +1 when it rejects)."""
+    from . import screen
+    pset = _pset(pset)
+    tree = _tree(expr, pset)
+    try:
+        result = screen.integrity(tree, pset)
+    except (RuntimeError, ArithmeticError, TypeError):  # cannot even be evaluated: rejected
+        return 1
+    return int(result.sign) if result.accepted and result.sign in (1, -1) else 1
+
+
+def same(a, b, pset="paper") -> bool:
+    """True when ``a`` and ``b`` are the same candidate: equal canonical keys or the same
+    oriented gradient on the probe batch (DESIGN §5.4). The test the search uses."""
+    from . import screen
+    pset = _pset(pset)
+    return bool(screen.same(_tree(a, pset), _tree(b, pset), pset))
+
+
+def simplify(expr, pset="paper", budget_s: float = 1.0) -> dict:
+    """``{'expr', 'formula', 'latex', 'key'}``: canonical text, readable simplified formula and
+    its LaTeX (time-budgeted), and the deterministic canonical key (oriented by the sign of the
+    integrity check, so two expressions that are ``same`` by algebra share it)."""
+    from . import symbolic
+    from .trees import to_text as _to_text
+    pset = _pset(pset)
+    tree = _tree(expr, pset)
+    return {
+        "expr": _to_text(tree, pset),
+        "formula": symbolic.formula(tree, pset, budget_s=budget_s),
+        "latex": symbolic.latex(tree, pset, budget_s=budget_s),
+        "key": symbolic.canonical_key(tree, pset, sign=sign_of(tree, pset)),
+    }
+
+
+def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -> str:
+    """The standalone PyTorch module ``gp-loss export`` writes for one expression (imports only
+    torch and math). ``sign`` None: decided by the integrity check. ``formula`` None: the
+    simplified formula (time-budgeted) goes in the docstring."""
+    from . import export as _export
+    entry = _export.make_entry(expr, pset, name=name, sign=sign, formula=formula)
+    return _export.render([entry], "python")
+
+
+def compile_loss(expr, pset="paper", sign=None, name: str = "loss"):
+    """``loss(logits, target) -> scalar tensor`` compiled from the printer's source for ``expr``
+    (exactly the code ``export`` writes). ``sign`` None: decided by the integrity check."""
+    from . import codegen
+    from . import export as _export
+    pset = _pset(pset)
+    tree = _tree(expr, pset)
+    sign = sign_of(tree, pset) if sign is None else _export.check_sign(sign)
+    loss, _per_sample = codegen.compile_loss(tree, pset, sign=sign, name=_export.check_name(name))
+    return loss

@@ -1,0 +1,266 @@
+"""Export losses to files: a standalone PyTorch module, LaTeX, SymPy source or JSON.
+
+Everything is written from a list of *entries* -- dicts ``{name, tree, pset, sign, formula}``
+(plus optional ``expr``, ``fitness``) -- so the two front ends share one writer:
+
+* ``expr_entries`` -- expressions typed by a user (``gp-loss export --expr baikal``);
+* ``run_entries``  -- the best candidates of a run store (``gp-loss export RUN_DIR --top K``),
+  named ``rank1`` ... ``rankK`` in rank order.
+
+The ``python`` format is exactly the text of ``codegen.module_source`` -- the printer that
+training compiles -- so what trains is what exports; it imports only ``torch`` and ``math``
+and carries the simplified formula (``symbolic.formula``) in each docstring. Fed by ``trees``
+(parsed trees), ``codegen``, ``symbolic``, ``screen`` (the sign) and ``store`` (runs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+from deap import gp
+
+from . import InputError, __version__
+from . import codegen
+from .psets import load_pset
+from .trees import parse, to_text, var_name
+
+FORMATS = ("python", "latex", "sympy", "json")
+SUFFIXES = {"python": ".py", "latex": ".tex", "sympy": ".py", "json": ".json"}
+
+
+def check_name(name: str) -> str:
+    try:
+        return codegen.check_name(name)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def check_sign(sign) -> int:
+    if sign not in (1, -1):
+        raise InputError(f"sign must be +1 or -1, got {sign!r}")
+    return int(sign)
+
+
+def default_name(expr, pset) -> str:
+    """The zoo name when ``expr`` is one (``baikal``), else ``loss``."""
+    pset = load_pset(pset)
+    return expr.strip() if isinstance(expr, str) and expr.strip() in pset.zoo else "loss"
+
+
+def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) -> dict:
+    """One entry from expression text or a tree; ``sign`` None: the integrity check decides;
+    ``formula`` None: the time-budgeted simplified formula."""
+    pset = load_pset(pset)
+    tree = parse(expr, pset) if isinstance(expr, str) else expr
+    if not isinstance(tree, gp.PrimitiveTree):
+        raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
+    name = check_name(default_name(expr, pset) if name is None else name)
+    if sign is None:
+        from . import sign_of
+        sign = sign_of(tree, pset)
+    if formula is None:
+        from . import symbolic
+        formula = symbolic.formula(tree, pset)
+    return {"name": name, "tree": tree, "pset": pset, "sign": check_sign(sign),
+            "formula": str(formula), "expr": to_text(tree, pset), **extra}
+
+
+def expr_entries(exprs, pset="paper", names=None) -> list:
+    """Entries for user expressions. Default names: the zoo name, else ``loss`` -- numbered
+    (``loss1``, ``loss2``...) when several expressions would otherwise share it."""
+    pset = load_pset(pset)
+    exprs = list(exprs)
+    if not exprs:
+        raise InputError("nothing to export: give at least one expression")
+    if names is None:
+        names = [default_name(e, pset) for e in exprs]
+        if len(exprs) > 1:
+            counts = {n: names.count(n) for n in names}
+            seen: dict = {}
+            for i, n in enumerate(names):
+                if counts[n] > 1:
+                    seen[n] = seen.get(n, 0) + 1
+                    names[i] = f"{n}{seen[n]}"
+    _unique(names)
+    return [make_entry(e, pset, name=n) for e, n in zip(exprs, names)]
+
+
+def run_entries(run_dir, top: int = 5) -> list:
+    """The ``top`` best distinct candidates of a run store, as entries ``rank1`` ... ``rankK``
+    (with ``fitness``). Read-only; the expressions are re-parsed with our parser."""
+    from .store import RunStore
+    if top < 1:
+        raise InputError("--top must be at least 1")
+    with RunStore.open(run_dir, readonly=True) as store:
+        pset_name = (store.config().get("search") or {}).get("pset", "paper")
+        rows = store.top(top)
+    if not rows:
+        raise InputError(f"{run_dir}: the run has no evaluated candidates yet")
+    pset = load_pset(pset_name)
+    return [make_entry(row["expr"], pset, name=f"rank{i}",
+                       sign=row["sign"] if row.get("sign") in (1, -1) else 1,
+                       formula=row.get("formula") or None,
+                       fitness=row.get("fitness"), candidate_id=row.get("id"))
+            for i, row in enumerate(rows, 1)]
+
+
+def _unique(names):
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"duplicate loss name(s): {', '.join(dup)}; give distinct --name values")
+
+
+# ----------------------------------------------------------------------------- formats
+
+def render(entries, fmt: str = "python") -> str:
+    """The text of ``entries`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    _unique([e["name"] for e in entries])
+    return {"python": _python, "latex": _latex, "sympy": _sympy, "json": _json}[fmt](entries)
+
+
+def _python(entries) -> str:
+    return str(codegen.module_source(entries))
+
+
+def _json(entries) -> str:
+    from . import symbolic
+    losses = []
+    for e in entries:
+        item = {"name": e["name"], "expr": e["expr"], "pset": e["pset"].name, "sign": e["sign"],
+                "formula": e["formula"], "latex": symbolic.latex(e["tree"], e["pset"]),
+                "key": symbolic.canonical_key(e["tree"], e["pset"], sign=e["sign"])}
+        for extra in ("fitness", "candidate_id"):
+            if e.get(extra) is not None:
+                item[extra] = e[extra]
+        losses.append(item)
+    return json.dumps({"gp_loss_version": __version__, "losses": losses}, indent=2) + "\n"
+
+
+def _latex(entries) -> str:
+    from . import symbolic
+    lines = [f"% Losses exported by gp-loss {__version__}. y: one-hot target, p: softmax of the "
+             "logits; log and 1/x are protected with eps = 1e-7.",
+             "% Batch loss: mean over the batch of the per-sample loss below.",
+             r"\begin{align}"]
+    for i, e in enumerate(entries):
+        body = symbolic.latex(e["tree"], e["pset"])
+        sign = "-" if e["sign"] == -1 else ""
+        total = rf"\sum_{{c}} \left[ {body} \right]" if e["pset"].class_sum else body
+        end = r" \\" if i < len(entries) - 1 else ""
+        name = e["name"].replace("_", r"\_")
+        lines.append(rf"\ell_{{\mathrm{{{name}}}}}(y, p) &= {sign}{total}{end}"
+                     f"  % {e['expr']}")
+    lines.append(r"\end{align}")
+    return "\n".join(lines) + "\n"
+
+
+def _sympy_expr(tree, pset, symbols):
+    """The exact SymPy form of ``tree`` with eps explicit (protected ops spelled out)."""
+    import sympy
+    from .primitives import plog, precip
+    eps = symbols["eps"]
+    stack = []
+    for node in reversed(tree):
+        if isinstance(node, gp.Primitive):
+            args = [stack.pop() for _ in range(node.arity)]
+            stack.append(pset.prims[node.name].op.sympy(*args))
+        elif var_name(node, pset):
+            stack.append(symbols[var_name(node, pset)])
+        else:
+            value = float(node.value)
+            stack.append(sympy.Integer(int(value)) if value.is_integer() and abs(value) < 1e15
+                         else sympy.Float(repr(value), 17))
+    expr = stack.pop()
+    return expr.replace(plog, lambda x: sympy.log(sympy.Abs(x) + eps)) \
+               .replace(precip, lambda x: 1 / (x + eps))
+
+
+def _sympy(entries) -> str:
+    import sympy
+    symbols = {"y": sympy.Symbol("y", real=True), "p": sympy.Symbol("p", real=True),
+               "eps": sympy.Symbol("eps", positive=True)}
+    out = [f'"""Losses exported by gp-loss {__version__} as SymPy expressions.',
+           "",
+           "Each entry is an expression in the target y and the probability p. For a class-sum",
+           "set (paper) it is elementwise: the per-sample loss is the sum over classes; for the",
+           "typed set it is the per-sample loss itself (reductions mse, kl, ce, dot, csum are",
+           "left as opaque functions over the class axis). Batch loss: SIGN * batch mean.",
+           "eps is symbolic here; gp-loss uses eps = 1e-7 (EPS_VALUE).",
+           '"""',
+           "from sympy import *  # noqa: F401,F403 - the expressions below use SymPy's names",
+           "",
+           'y, p = symbols("y p", real=True)',
+           'eps = Symbol("eps", positive=True)',
+           "EPS_VALUE = 1e-7",
+           ]
+    if any(not e["pset"].class_sum for e in entries):
+        out.append('mse, kl, ce, dot, csum = (Function(n) for n in ("mse", "kl", "ce", "dot", "csum"))')
+    # Entries go into a dict, not module variables: a loss called `log` must not shadow SymPy's.
+    out += ["", "# name -> (expression, sign), in rank order.", "LOSSES = {}"]
+    for e in entries:
+        expr = _sympy_expr(e["tree"], e["pset"], symbols)
+        out += [f"# {e['expr']}  (set {e['pset'].name})",
+                f"LOSSES[{e['name']!r}] = ({sympy.sstr(expr, full_prec=True)}, {e['sign']})"]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write(entries, path, fmt: str = "python") -> str:
+    """Render ``entries`` and write them to ``path`` atomically ('-': standard output)."""
+    text = render(entries, fmt)
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return text
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    tmp = None
+    try:
+        # Write beside the target and rename, so a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an exported file is meant to be shared
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return text
+
+
+def export_exprs(exprs, path, pset="paper", names=None, fmt: str = "python") -> list:
+    """Write one or several expressions to ``path`` ('-' = stdout) as a ``python`` module (the
+    printer's source), ``latex``, ``sympy`` or ``json``. ``exprs``: one expression or a list;
+    ``names``: default the zoo name, else ``loss`` (``loss1``, ``loss2``... for several).
+    Returns the entries written. Also reachable as ``gp_loss.export(exprs, path, ...)``."""
+    if isinstance(exprs, (str, gp.PrimitiveTree)):
+        exprs = [exprs]
+    if isinstance(names, str):
+        names = [names]
+    exprs = list(exprs)
+    if names is not None and len(names) != len(exprs):
+        raise InputError(f"{len(names)} names for {len(exprs)} expressions")
+    entries = expr_entries(exprs, pset, None if names is None else list(names))
+    write(entries, path, fmt)
+    return entries
+
+
+class _CallableModule(types.ModuleType):
+    """``gp_loss.export`` is both this module and the API call ``gp_loss.export(exprs, path)``."""
+
+    def __call__(self, *args, **kwargs):
+        return export_exprs(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
