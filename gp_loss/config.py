@@ -28,6 +28,7 @@ class ConfigError(ValueError):
     """A config problem: unknown key, wrong type, value out of range, unreadable file."""
 
 
+AUGMENTS = ("none", "flipcrop", "randaugment")
 EXECUTOR_KINDS = ("serial", "process", "ray")
 # Only the surrogate itself for now; the paper's cheaper initial fitness (32 px, no
 # augmentation) arrives with the paper surrogate.
@@ -173,10 +174,28 @@ class SurrogateConfig:
     timeout_s: float = 0.0  # 0 = no per-evaluation time limit
     weight_decay: float = 0.0
     device: str = "auto"
+    # Fidelity knobs of the paper's surrogate (DESIGN §6); the CPU defaults switch them off.
+    image_size: int = 0  # resize images to this many pixels; 0 = the dataset's own size
+    augment: str = "none"  # none | flipcrop | randaugment (drawn per image, on the device)
+    randaugment_ops: int = 2  # paper: 2 operations per image
+    randaugment_magnitude: float = 5.0  # on the paper's 0-10 scale (mapping in augment docs)
+    prescreen_separate: bool = False  # paper: a separate short run (no augmentation) first
+    prescreen_image_size: int = 0  # image size of that separate run; 0 = image_size
+    download: bool = False  # torchvision datasets: fetch when missing (needs internet)
+    amp: str = "auto"  # bf16 autocast of the network on CUDA (the loss stays float32)
+    compile: bool = False  # torch.compile the network once per worker process (CUDA only)
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
         s = self.SECTION
+        _check(self.image_size >= 0, f"{s}.image_size", "must be >= 0 (0 = native size)")
+        _check(self.augment in AUGMENTS, f"{s}.augment",
+               f"must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        _check(self.randaugment_ops >= 0, f"{s}.randaugment_ops", "must be >= 0")
+        _check(0 <= self.randaugment_magnitude <= 10, f"{s}.randaugment_magnitude",
+               "must be in [0, 10] (the paper's scale)")
+        _check(self.prescreen_image_size >= 0, f"{s}.prescreen_image_size", "must be >= 0")
+        _check(self.amp in ("auto", "bf16", "off"), f"{s}.amp", "must be auto, bf16 or off")
         _check(self.dataset.strip() != "", f"{s}.dataset", "must name a dataset")
         _check(self.model.strip() != "", f"{s}.model", "must name a model")
         _check(self.steps >= 1, f"{s}.steps", "must be >= 1")

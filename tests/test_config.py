@@ -21,7 +21,10 @@ def test_defaults_are_valid_and_surrogate_defaults_are_the_documented_ones():
         "batch_size": 64, "lr": 2e-3, "warmup_fraction": 0.1, "eval_every": 0,
         "train_fraction": 1.0, "val_fraction": 0.15, "test_fraction": 0.15, "split_seed": 0,
         "seed": 0, "prescreen_steps": 100, "prescreen_min_acc": 0.35, "midrun_step": 0,
-        "midrun_min_acc": 0.22, "timeout_s": 0.0, "weight_decay": 0.0, "device": "auto"}
+        "midrun_min_acc": 0.22, "timeout_s": 0.0, "weight_decay": 0.0, "device": "auto",
+            "image_size": 0, "augment": "none", "randaugment_ops": 2,
+            "randaugment_magnitude": 5.0, "prescreen_separate": False,
+            "prescreen_image_size": 0, "download": False, "amp": "auto", "compile": False}
     assert cfg.executor.kind == "serial" and cfg.search.phenotype_tolerance == 0.0
 
 
