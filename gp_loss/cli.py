@@ -31,7 +31,7 @@ from . import __version__
 log = logging.getLogger("gp_loss")
 
 # Modules that add commands to the group (imported on first command lookup; absent is fine).
-EXTENSIONS = ("gp_loss.cli_run",)
+EXTENSIONS = ("gp_loss.cli_run", "gp_loss.cli_protocol")
 
 # Exceptions meaning "bad input" (exit 2), matched by class name anywhere in the MRO so that
 # importing this module does not import config/store/trees just to name their classes.

@@ -16,9 +16,7 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
 
     cfg = store.config()
     pset = load_pset(cfg.get("search", {}).get("pset", "paper"))
-    rows = [r for r in store.top(top) if r["phase"] != "reference"] if top else []
-    if top and len(rows) < top:  # top() may spend rows on references; ask for a few more
-        rows = [r for r in store.top(top + 8) if r["phase"] != "reference"][:top]
+    rows = store.top(top) if top else []
 
     def formula(expr):
         if not formulas:
@@ -33,8 +31,14 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
                  "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
                  "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"]}
                 for r in rows]
-    counts = store.counts()
-    refs = [{"expr": r["expr"], "name": (r["reason"] or "").replace("reference ", "") or r["expr"],
+    initial, child = store.counts("initial"), store.counts("child")
+    counts = {k: initial[k] + child[k] for k in initial}
+    # A reference's name ("ce") is the config entry at its birth index: the row's reason only
+    # holds it while the evaluation is pending.
+    ref_names = list(cfg.get("search", {}).get("reference", []))
+    refs = [{"expr": r["expr"],
+             "name": (ref_names[r["birth"]] if r["birth"] is not None
+                      and 0 <= r["birth"] < len(ref_names) else r["expr"]),
              "fitness": r["fitness"], "status": r["status"]}
             for r in store.candidates(phase="reference")]
     state = store.state()
@@ -79,7 +83,8 @@ def format_summary(s: dict) -> str:
                      f"[{r['expr']}]{sign}")
     for ref in s["reference"]:
         fit = f"{ref['fitness']:.4f}" if ref["fitness"] is not None else ref["status"]
-        lines.append(f"{'ref':>4}  {fit:>7}  {'':>5}  {ref['name']} (same budget and seed)")
+        label = ref["expr"] if ref["name"] == ref["expr"] else f"{ref['name']}  [{ref['expr']}]"
+        lines.append(f"{'ref':>4}  {fit:>7}  {'':>5}  {label} (same budget and seed)")
     k = s["counts"]
     rejected = sum(k["rejected"].values())
     lines.append(f"children {k['children']}; evaluated {k['evaluated']}, reused {k['reused']}, "

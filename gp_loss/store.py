@@ -37,6 +37,7 @@ APPLICATION = "gp-loss"
 STORE_NAME = "run.sqlite"
 STATUSES = ("evaluated", "reused", "failed", "rejected", "duplicate", "near_duplicate",
             "pending")
+SEARCH_PHASES = ("initial", "child")  # rows the search itself proposed (vs reference, elimN)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _COLUMNS = ("phase", "birth", "expr", "formula", "key", "parent_id", "mutation", "status",
@@ -413,12 +414,16 @@ class RunStore:
 
     # -- reading for show / plot / export ------------------------------------------------
 
-    def top(self, k: int = 10, members_only: bool = False, distinct: bool = True) -> list[dict]:
+    def top(self, k: int = 10, members_only: bool = False, distinct: bool = True,
+            phases: tuple = SEARCH_PHASES) -> list[dict]:
         """Best candidates with a fitness, best first (ties: earliest id); ``distinct`` keeps
-        one row per canonical key; ``members_only`` looks at the current population only."""
+        one row per canonical key; ``members_only`` looks at the current population only;
+        ``phases``: which rows compete (the search's own by default, not references or
+        elimination re-runs)."""
         source = ("SELECT c.* FROM candidates c JOIN population p ON p.candidate_id = c.id"
                   if members_only else "SELECT * FROM candidates c")
         source += " WHERE c.fitness IS NOT NULL AND c.status IN ('evaluated', 'reused')"
+        source += f" AND c.phase IN ({', '.join(repr(p) for p in phases)})"
         if distinct:
             sql = (f"SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY "
                    f"COALESCE(key, 'id:' || id) ORDER BY fitness DESC, id) AS rank_in_key "

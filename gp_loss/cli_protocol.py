@@ -1,0 +1,238 @@
+"""Protocol commands of the ``gp-loss`` CLI: ``compare`` (transfer tables) and ``eliminate``.
+
+Registered on the group of ``cli.py`` (which owns error handling and exit codes) through
+``cli.EXTENSIONS``; thin layers over ``protocol.py``, which documents the statistics and the
+elimination rounds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from pathlib import Path
+
+import click
+
+from .cli import UserError, cli, json_option, pset_option
+from .cli_run import _device_option, _fmt, _resolve_device, _set_option
+
+log = logging.getLogger("gp_loss")
+
+
+def _p(v) -> str:
+    return "-" if v is None else f"{v:.3g}" if v >= 1e-3 else f"{v:.1e}"
+
+
+def format_compare(res: dict) -> str:
+    """Readable per-cell tables: mean ± std (%), p, Holm p, W/T/L, failures with reasons."""
+    lines = []
+    seeds = res["seeds"]
+    for c in res["cells"]:
+        lines.append(f"{c['dataset']} / {c['model']} / {c['augment']}  ({c['steps']} steps, "
+                     f"{len(seeds)} seed(s); test accuracy at the best-validation checkpoint)")
+        width = max(8, *(len(n) for n in c["results"]))
+        width = min(width, 40)
+        lines.append(f"  {'loss':<{width}}  {'test acc %':>15}  {'p':>7}  {'Holm p':>7}  "
+                     f"{'W/T/L':>7}" + ("  lr" if res["lrs"] else ""))
+        for name, e in c["results"].items():
+            acc = ("n/a" if e["test_acc_mean"] is None else
+                   f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f}")
+            wtl = "-" if e["wins"] is None else f"{e['wins']}/{e['ties']}/{e['losses']}"
+            label = name if len(name) <= width else name[:width - 3] + "..."
+            lines.append(f"  {label:<{width}}  {acc:>15}  {_p(e['p_value']):>7}  "
+                         f"{_p(e['p_value_holm']):>7}  {wtl:>7}"
+                         + (f"  {e['lr']:g}" if res["lrs"] else ""))
+            for r in e["runs"]:
+                if r["status"] != "ok" or r["test_acc"] is None:
+                    lines.append(f"    {name} seed {r['seed']} FAILED: {r['reason']}")
+        lines.append("")
+    failed = res["failed_in_table"]
+    lines.append(f"W/T/L: seeds where the loss's test accuracy beats / equals / trails ce's with "
+                 f"the same seed. {failed} failed run(s) in the table, excluded from the "
+                 f"statistics ({res['failed_runs']} of {res['runs_total']} runs failed overall).")
+    return "\n".join(lines)
+
+
+@cli.command(short_help="Transfer table: losses vs cross-entropy across cells and seeds.")
+@click.option("--loss", "loss_specs", multiple=True, metavar="EXPR|ZOO_NAME",
+              help="A loss to compare (repeatable); ce is always included as the baseline.")
+@click.option("--from-run", "from_run", type=click.Path(file_okay=False), default=None,
+              help="Also compare this run's best distinct candidates (rank1 .. rankK).")
+@click.option("--top", type=click.IntRange(min=1), default=4, show_default=True,
+              help="How many candidates --from-run adds.")
+@click.option("--dataset", "datasets", multiple=True, help="Dataset (repeatable; default: config).")
+@click.option("--model", "models", multiple=True, help="Model (repeatable; default: config).")
+@click.option("--augment", "augments", multiple=True,
+              help="Augmentation: none, flipcrop, randaugment (repeatable; default: config).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Number of seeds: 0..N-1 (shifted by --first-seed).")
+@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--lr", "lrs", multiple=True, type=click.FloatRange(min=0, min_open=True),
+              help="Learning rates to try (repeatable): each loss keeps, per cell, the one with "
+                   "the best mean validation accuracy.")
+@click.option("--config", "config", default=None, metavar="CONFIG.toml",
+              help="Take the surrogate settings from this config (default: quick).")
+@_set_option()
+@_device_option()
+@pset_option()
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs in parallel (spawned processes when > 1).")
+@click.option("--markdown", "markdown", default=None, metavar="FILE",
+              help="Also write the paper-style Markdown table to FILE.")
+@json_option("losses, cells (per loss: runs, test_acc_mean/std, p_value, p_value_holm, "
+             "wins, ties, losses), failed_runs")
+def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_seed, lrs,
+            config, sets, device, pset, workers, markdown, as_json):
+    """Train losses against cross-entropy on datasets x models x augmentations x seeds.
+
+    Reports per cell the test accuracy at the best-validation checkpoint (mean ± std over the
+    seeds), and per loss vs ce a Welch t-test p-value, its Holm correction over the whole table
+    and seed-paired wins/ties/losses. Failed runs are listed and left out of the statistics.
+
+    \b
+    Examples:
+      gp-loss compare --loss baikal --dataset digits --model tinycnn --seeds 3
+      gp-loss compare --from-run runs/quick --top 3 --augment none --augment flipcrop --json
+    """
+    from . import protocol
+    from .config import load_config
+    from .executors import make_executor
+    from .psets import load_pset
+
+    cfg = load_config(config, list(sets) + ([f"surrogate.device={device}"] if device else []))
+    ps = load_pset(pset)
+    losses, seen = [protocol.make_loss(protocol.BASELINE, ps, protocol.BASELINE)], set()
+    seen.add(protocol.BASELINE)
+    for spec in loss_specs:
+        if spec.strip() not in seen:
+            losses.append(protocol.make_loss(spec.strip(), ps))
+            seen.add(spec.strip())
+    if from_run:
+        losses += protocol.run_losses(from_run, top)
+    if len(losses) < 2:
+        raise UserError("nothing to compare with ce: give --loss EXPR or --from-run DIR")
+    dev = _resolve_device(cfg.surrogate.device)
+    cells = protocol.plan_cells(cfg, datasets, models, augments, dev)
+    seed_list = list(range(first_seed, first_seed + seeds))
+
+    def progress(i, n, key, res):
+        ci, name, lr, seed = key
+        log.info("[%d/%d] %s %s%s seed %d: test %s (%.1fs)%s", i + 1, n, cells[ci].label, name,
+                 f" lr {lr:g}" if lr is not None else "", seed, _fmt(res.get("test_acc")),
+                 res.get("seconds") or 0.0,
+                 "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
+    executor = (make_executor("process", workers, cfg.executor.threads) if workers > 1
+                else make_executor("serial", 1, cfg.executor.threads))
+    with executor:
+        res = protocol.compare(losses, cells, seed_list, lrs, executor, on_done=progress)
+    if markdown:
+        Path(markdown).write_text(protocol.markdown_table(res), encoding="utf-8")
+    click.echo(json.dumps(res, indent=2) if as_json else format_compare(res))
+
+
+def _elim_settings(run_cfg: dict, config: str | None, sets) -> tuple[dict, list[str]]:
+    """(the [eliminate] table, overrides for the run's config) from --config and --set."""
+    table, overrides = {}, []
+    if config:
+        try:
+            data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"--config {config}: {exc}") from None
+        extra = sorted(set(data) - {"eliminate", "surrogate", "executor"})
+        if extra:
+            raise UserError(f"--config {config}: unexpected table [{extra[0]}]; it may hold "
+                            f"[eliminate], [surrogate] and [executor]")
+        table = dict(data.get("eliminate", {}))
+        for sec in ("surrogate", "executor"):
+            for k, v in data.get(sec, {}).items():
+                overrides.append(f"{sec}.{k}={json.dumps(v)}")
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        if key.startswith("eliminate."):
+            try:
+                table[key[10:]] = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                table[key[10:]] = text.strip()
+        elif key.startswith(("surrogate.", "executor.")):
+            overrides.append(item)
+        else:
+            raise UserError(f"--set {key}: eliminate takes eliminate.*, surrogate.* and "
+                            f"executor.* keys")
+    return table, overrides
+
+
+def format_rounds(res: dict) -> str:
+    lines = []
+    for r in res["rounds"]:
+        seeds = ",".join(str(s) for s in r["seeds"])
+        lines.append(f"round {r['round']} ({r['phase']}): {r['entrants']} candidates, "
+                     f"{r['steps']} steps, {r['model']}, seed(s) {seeds} -> {r['kept']} kept")
+        lines.append(f"  {'rank':>4}  {'score':>6}  {'before':>6}  {'id':>5}  expression")
+        for m in r["members"]:
+            failed = sum(x["status"] != "evaluated" for x in m["runs"])
+            lines.append(f"  {m['rank']:>4}  {m['score']:.4f}  {m['previous_score']:.4f}  "
+                         f"{m['id']:>5}  {m['expr']}" + ("" if m["kept"] else "  (out)")
+                         + (f"  [{failed} failed]" if failed else ""))
+    lines.append("score = mean best validation accuracy over the round's seeds (failed = 0); "
+                 "before = the previous round's score (round 1: the search fitness)")
+    return "\n".join(lines)
+
+
+@cli.command(short_help="The paper's elimination protocol: retrain the best in rounds.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--config", "config", default=None, metavar="FILE.toml",
+              help="A TOML file with an [eliminate] table (keep, steps, steps_factor, model, "
+                   "seeds) and optionally [surrogate]/[executor] changes for the retraining.")
+@_set_option()
+@_device_option()
+@json_option("rounds (members with scores), finalists")
+def eliminate(run_dir, config, sets, device, as_json):
+    """Retrain a run's best candidates in rounds of rising fidelity, keeping the best each round.
+
+    Default rounds (the paper's): keep = [25, 12, 6, 4] -- the run's best 25 distinct
+    candidates are retrained, the best 12 go on, then 6, then the best 4 are ranked at the
+    highest fidelity; steps_factor = [1, 2, 3, 4] x surrogate.steps. Results are stored in the
+    run (phases elim1, elim2, ...): an interrupted elimination continues where it stopped when
+    run again, and a finished one just prints its table.
+
+    \b
+    Examples:
+      gp-loss eliminate runs/quick
+      gp-loss eliminate runs/quick --set eliminate.keep=[8,4,2] --set surrogate.steps=200
+    """
+    from . import protocol
+    from .config import apply_overrides, config_from_dict
+    from .executors import make_executor
+    from .store import RunStore
+
+    store = RunStore.open(run_dir)
+    try:
+        table, overrides = _elim_settings(store.config(), config, sets)
+        cfg = apply_overrides(config_from_dict(store.config()),
+                              overrides + ([f"surrogate.device={device}"] if device else []))
+        if store.get_state("phase") not in (None, "done"):
+            log.warning("the search in %s has not finished (phase %s); eliminating what it has",
+                        run_dir, store.get_state("phase"))
+        from dataclasses import asdict
+        surrogate = {**asdict(cfg.surrogate), "device": _resolve_device(cfg.surrogate.device)}
+        rounds = protocol.resolve_rounds(table, surrogate)
+
+        def progress(rnd, row, res):
+            log.info("round %d: candidate %d seed %d: val %s (%.1fs)%s", rnd.index,
+                     row["parent_id"], row["birth"], _fmt(res.get("val_acc")),
+                     res.get("seconds") or 0.0,
+                     "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
+        e = cfg.executor
+        try:
+            with make_executor(e.kind, e.workers, e.threads) as executor:
+                res = protocol.eliminate(store, rounds, surrogate, executor, on_done=progress)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted; continue with: gp-loss eliminate {run_dir} (same "
+                       f"--config/--set)", err=True)
+            raise SystemExit(130)
+    finally:
+        store.close()
+    click.echo(json.dumps(res, indent=2) if as_json else format_rounds(res))

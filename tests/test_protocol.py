@@ -1,0 +1,323 @@
+"""Transfer tables (``compare``) and the elimination protocol (``eliminate``).
+
+The statistics are checked against hand computation on fixed numbers; the lr selection, the
+failure accounting and the elimination rounds (including an interrupted run resumed) use fake
+evaluators, so they are fast and exact; one real ``compare`` (digits, ce vs baikal, 2 seeds) and
+one real ``eliminate`` train a few tiny surrogates. CLI tests run in-process.
+"""
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from gp_loss import protocol
+from gp_loss.cli import cli
+from gp_loss.config import config_to_dict, load_config
+from gp_loss.psets import load_pset
+from gp_loss.store import RunStore
+
+TINY = ["--set", "surrogate.steps=30", "--set", "surrogate.prescreen_steps=0", "--device", "cpu"]
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return invoke
+
+
+@pytest.fixture(autouse=True)
+def _private_dirs(tmp_path, monkeypatch):
+    import tempfile
+    (tmp_path / "tmpdir").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdir"))
+    monkeypatch.chdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_welch_matches_hand_computation():
+    a, b = [0.90, 0.92, 0.94], [0.80, 0.85, 0.83, 0.86]
+    ma, mb = sum(a) / 3, sum(b) / 4
+    va = sum((x - ma) ** 2 for x in a) / 2
+    vb = sum((x - mb) ** 2 for x in b) / 3
+    se2 = va / 3 + vb / 4
+    t = (ma - mb) / math.sqrt(se2)
+    df = se2 ** 2 / ((va / 3) ** 2 / 2 + (vb / 4) ** 2 / 3)
+    p = 2 * stats.t.sf(abs(t), df)
+    assert protocol.welch_p(a, b) == pytest.approx(p, rel=1e-9)
+    assert protocol.welch_p(b, a) == pytest.approx(p, rel=1e-9)
+
+
+def test_welch_undefined_is_none():
+    assert protocol.welch_p([0.9], [0.8, 0.7]) is None  # fewer than 2 runs
+    assert protocol.welch_p([], []) is None
+    assert protocol.welch_p([0.9, 0.9], [0.8, 0.8]) is None  # both constant
+    assert protocol.welch_p([0.9, 0.9], [0.9, 0.9]) is None
+    assert protocol.welch_p([0.9, 0.9], [0.8, 0.7]) is not None  # one constant side is fine
+
+
+def test_holm_by_hand():
+    # m = 3 defined: 0.01*3 = 0.03; 0.03*2 = 0.06; 0.04*1 = 0.04 -> raised to 0.06 (monotone)
+    assert protocol.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert protocol.holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
+    assert protocol.holm([]) == [] and protocol.holm([None]) == [None]
+
+
+def test_wins_ties_losses_pairs_seeds_and_skips_failures():
+    ok = lambda s, t: {"seed": s, "test_acc": t, "status": "ok"}
+    base = [ok(0, 0.5), ok(1, 0.6), ok(2, 0.7), {"seed": 3, "test_acc": None, "status": "failed"}]
+    runs = [ok(0, 0.55), ok(1, 0.6), ok(2, 0.65), ok(3, 0.9), ok(4, 0.9)]
+    assert protocol.wins_ties_losses(runs, base) == (1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- fake training
+
+CALLS = []
+
+
+def fake_eval(expr, pset, sur, seed=0, sign=1, with_test=False):
+    """Deterministic accuracies: baikal prefers lr 1e-3, ce 2e-3; 'focal' fails on seed 1."""
+    CALLS.append((expr, sur["steps"], sur.get("lr"), seed))
+    best_lr = 1e-3 if expr.startswith("sub(div") else 2e-3
+    acc = 0.8 - abs(sur["lr"] - best_lr) * 10 + 0.01 * seed + 0.001 * len(expr) % 0.01
+    if "square" in expr and seed == 1:
+        return {"status": "failed", "reason": "nan_loss", "val_acc": None, "test_acc": None,
+                "fitness": 0.0, "seconds": 0.1}
+    return {"status": "ok", "reason": None, "val_acc": acc, "test_acc": acc - 0.01,
+            "fitness": acc, "seconds": 0.1}
+
+
+def _cells(**sets):
+    cfg = load_config(None, [f"surrogate.{k}={v}" for k, v in sets.items()])
+    return protocol.plan_cells(cfg, ["digits"], [], [], "cpu", preflight=False)
+
+
+def test_lr_selection_keeps_best_mean_validation_per_loss():
+    ps = load_pset("paper")
+    losses = [protocol.make_loss("ce", ps, "ce"), protocol.make_loss("baikal", ps)]
+    res = protocol.compare(losses, _cells(), [0, 1], lrs=[2e-3, 1e-3], evaluate_fn=fake_eval)
+    cell = res["cells"][0]["results"]
+    assert cell["ce"]["lr"] == 2e-3 and cell["baikal"]["lr"] == 1e-3
+    assert res["lrs"] == [2e-3, 1e-3] and res["runs_total"] == 2 * 2 * 2
+    assert set(cell["baikal"]["lr_val_acc_mean"]) == {"0.002", "0.001"}
+    # only the chosen lr's runs are reported (their accuracies are the lr's optimum)
+    assert [r["val_acc"] for r in cell["baikal"]["runs"]] == pytest.approx(
+        [fake_eval("sub(div(y, p), log(p))", "", {"lr": 1e-3, "steps": 1}, s)["val_acc"]
+         for s in (0, 1)])
+
+
+def test_select_lr_ties_go_to_first_listed_and_failures_rank_last():
+    ok = lambda v: {"status": "ok", "val_acc": v}
+    assert protocol.select_lr({0.1: [ok(0.5)], 0.2: [ok(0.5)]}) == 0.1
+    assert protocol.select_lr({0.1: [{"status": "failed", "val_acc": None}], 0.2: [ok(0.1)]}) == 0.2
+
+
+def test_failed_runs_are_reported_and_excluded():
+    ps = load_pset("paper")
+    losses = [protocol.make_loss("ce", ps, "ce"), protocol.make_loss("focal", ps)]
+    assert "square" in losses[1].expr
+    res = protocol.compare(losses, _cells(), [0, 1, 2], evaluate_fn=fake_eval)
+    e = res["cells"][0]["results"]["focal"]
+    assert e["n_ok"] == 2 and e["n_failed"] == 1 and res["failed_runs"] == 1
+    assert [r["reason"] for r in e["runs"]] == [None, "nan_loss", None]
+    assert e["test_acc_mean"] == pytest.approx((e["runs"][0]["test_acc"] + e["runs"][2]["test_acc"]) / 2)
+    assert e["wins"] + e["ties"] + e["losses"] == 2
+
+
+# ----------------------------------------------------------------------------- compare CLI
+
+def test_compare_digits_two_losses_two_seeds(run, tmp_path):
+    from gp_loss.cli_protocol import format_compare
+    model = "tiny" if "tiny" in __import__("gp_loss.models", fromlist=["MODELS"]).MODELS else "tinycnn"
+    md = tmp_path / "table.md"
+    r = run("compare", "--loss", "ce", "--loss", "baikal", "--dataset", "digits", "--model", model,
+            "--seeds", 2, "--json", "--markdown", md, *TINY)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [l["name"] for l in res["losses"]] == ["ce", "baikal"]  # ce not duplicated
+    (cell,) = res["cells"]
+    assert (cell["dataset"], cell["model"], cell["augment"]) == ("digits", model, "none")
+    for name in ("ce", "baikal"):
+        e = cell["results"][name]
+        assert [r["seed"] for r in e["runs"]] == [0, 1]
+        for run_ in e["runs"]:
+            assert {"seed", "val_acc", "test_acc", "seconds"} <= set(run_)
+            assert 0 <= run_["test_acc"] <= 1 and run_["status"] == "ok"
+        tests = [x["test_acc"] for x in e["runs"]]
+        assert e["test_acc_mean"] == pytest.approx(sum(tests) / 2)
+        assert e["test_acc_std"] == pytest.approx(abs(tests[0] - tests[1]) / math.sqrt(2))
+    b, c = cell["results"]["baikal"], cell["results"]["ce"]
+    assert c["p_value"] is None and c["wins"] is None
+    expect = protocol.welch_p([x["test_acc"] for x in b["runs"]], [x["test_acc"] for x in c["runs"]])
+    assert b["p_value"] == expect and b["p_value_holm"] == expect  # one comparison: Holm = p
+    assert b["wins"] + b["ties"] + b["losses"] == 2
+    text = format_compare(res)
+    assert "baikal" in text and "±" in text and "W/T/L" in text
+    table = md.read_text()
+    assert table.startswith("| loss |") and "| baikal |" in table and "**" in table
+    # the analysis script turns the JSON into the same table
+    (tmp_path / "c.json").write_text(r.stdout)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "compare_table", __import__("pathlib").Path(__file__).parents[1] / "analysis/compare_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(tmp_path / "c.json"), "-o", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text() == table
+
+
+@pytest.mark.parametrize("args", [
+    ["--loss", "nosuchloss(p)"],
+    ["--loss", "baikal", "--dataset", "nosuchdata"],
+    ["--loss", "baikal", "--model", "nosuchmodel"],
+    ["--loss", "baikal", "--augment", "sideways"],
+    ["--loss", "ce"],  # nothing to compare with ce
+    ["--from-run", "no/such/run"],
+])
+def test_compare_bad_input_exits_2(run, args):
+    r = run("compare", *args, *TINY)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.stdout == ""
+
+
+# ----------------------------------------------------------------------------- eliminate
+
+EXPRS = ["neg(mul(y, log(p)))", "sub(div(y, p), log(p))", "neg(mul(y, p))",
+         "neg(mul(y, sqrt(p)))", "neg(mul(y, exp(p)))"]
+
+
+def _store(path, steps=30):
+    cfg = load_config(None, [f"surrogate.steps={steps}", "surrogate.prescreen_steps=0",
+                             "executor.kind=serial", "executor.workers=1"])
+    store = RunStore.create(path, config_to_dict(cfg))
+    ids = []
+    for i, (e, fit) in enumerate(zip(EXPRS, [0.5, 0.9, 0.7, 0.6, 0.8])):
+        ids.append(store.add_candidate(e, "evaluated", phase="initial" if i < 3 else "child",
+                                       birth=i, key=f"k{i}", fitness=fit, sign=1))
+    store.add_candidate(EXPRS[1], "evaluated", phase="child", key="k1", fitness=0.85, sign=1)
+    store.add_candidate(EXPRS[0], "evaluated", phase="reference", key="k0", fitness=0.99, sign=1)
+    store.set_state(phase="done")
+    return store, ids, asdict(cfg.surrogate)
+
+
+def test_rounds_defaults_and_validation():
+    sur = {"steps": 100, "model": "tinycnn", "seed": 0}
+    r = protocol.resolve_rounds(None, sur)
+    assert [(x.size, x.keep, x.steps) for x in r] == [(25, 12, 100), (12, 6, 200), (6, 4, 300),
+                                                       (4, 4, 400)]
+    r = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1, 3], "model": "mlp"}, sur)
+    assert [(x.steps, x.model, x.seeds) for x in r] == [(100, "mlp", (0,)), (200, "mlp", (0, 1, 2))]
+    for bad in ({"keep": [2, 4]}, {"keep": []}, {"keep": [3, 2], "steps": [1, 2, 3]},
+                {"nope": 1}, {"keep": [2, 1], "seeds": [0]}):
+        with pytest.raises(protocol.InputError):
+            protocol.resolve_rounds(bad, sur)
+
+
+def test_eliminate_rounds_scores_and_idempotent(tmp_path):
+    store, ids, sur = _store(tmp_path / "run")
+    rounds = protocol.resolve_rounds({"keep": [4, 2, 1], "seeds": [1, 2, 1]}, sur)
+    CALLS.clear()
+    res = protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    # entrants: best 4 distinct search candidates (reference and duplicate key left out)
+    assert [m["id"] for m in sorted(res["rounds"][0]["members"], key=lambda m: m["id"])] == \
+        sorted([ids[1], ids[4], ids[2], ids[3]])
+    assert len(CALLS) == 4 + 2 * 2 + 1 and res["trained_now"] == 9
+    assert [c[1] for c in CALLS] == [30] * 4 + [60] * 4 + [90]
+    assert [len(store.candidates(phase=f"elim{i}")) for i in (1, 2, 3)] == [4, 4, 1]
+    r2 = res["rounds"][1]
+    for m in r2["members"]:
+        assert m["score"] == pytest.approx(sum(x["val_acc"] for x in m["runs"]) / 2)
+    assert [m["kept"] for m in r2["members"]] == [True, False]
+    assert res["finalists"][0]["id"] == r2["members"][0]["id"]
+    row = store.candidates(phase="elim2")[0]
+    assert row["parent_id"] in ids and row["key"].startswith("k") and row["status"] == "evaluated"
+    CALLS.clear()
+    again = protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    assert CALLS == [] and again["rounds"] == res["rounds"] and again["trained_now"] == 0
+    with pytest.raises(protocol.InputError):  # other settings on the same run are refused
+        protocol.eliminate(store, protocol.resolve_rounds({"keep": [3, 1]}, sur), sur,
+                           evaluate_fn=fake_eval)
+    store.close()
+
+
+def test_eliminate_ties_are_deterministic(tmp_path):
+    store, ids, sur = _store(tmp_path / "run")
+    flat = lambda *a, **k: {"status": "ok", "val_acc": 0.5, "test_acc": None, "seconds": 0.0}
+    res = protocol.eliminate(store, protocol.resolve_rounds({"keep": [3, 2]}, sur), sur,
+                             evaluate_fn=flat)
+    # equal scores: the better search fitness first (0.9 > 0.8 > 0.7)
+    assert [m["id"] for m in res["rounds"][0]["members"]] == [ids[1], ids[4], ids[2]]
+    store.close()
+
+
+class _Interrupt:
+    def __init__(self, after):
+        self.n, self.after = 0, after
+
+    def __call__(self, *args, **kw):
+        self.n += 1
+        if self.n > self.after:
+            raise KeyboardInterrupt
+        return fake_eval(*args, **kw)
+
+
+def test_eliminate_cli_resumes_after_interruption(run, tmp_path, monkeypatch):
+    import gp_loss.fitness
+    store, ids, sur = _store(tmp_path / "run")
+    store.close()
+    args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]", "--json"]
+    CALLS.clear()
+    monkeypatch.setattr(gp_loss.fitness, "evaluate", _Interrupt(after=5))
+    r = run(*args)
+    assert r.exit_code == 130 and "gp-loss eliminate" in r.stderr
+    with RunStore.open(tmp_path / "run", readonly=True) as s:
+        assert s.counts(phase="elim1")["evaluated"] == 4
+        assert s.counts(phase="elim2") == {**s.counts(phase="elim2"), "evaluated": 1, "pending": 1}
+    done_before = list(CALLS)
+    monkeypatch.setattr(gp_loss.fitness, "evaluate", fake_eval)
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["trained_now"] == 1 and len(CALLS) == len(done_before) + 1
+    keys = [(c[0], c[1], c[3]) for c in CALLS]
+    assert len(keys) == len(set(keys))  # nothing trained twice
+    assert [len(x["members"]) for x in res["rounds"]] == [4, 2]
+    r = run(*args[:-1])  # finished: prints the table, trains nothing
+    assert r.exit_code == 0 and "round 2 (elim2)" in r.stdout and len(CALLS) == 6
+
+
+def test_eliminate_real_training_and_show(run, tmp_path):
+    store, ids, sur = _store(tmp_path / "run", steps=20)
+    store.close()
+    r = run("eliminate", tmp_path / "run", "--set", "eliminate.keep=[2,1]", "--device", "cpu",
+            "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [r_["steps"] for r_ in res["rounds"]] == [20, 40]
+    assert all(0 <= m["score"] <= 1 for x in res["rounds"] for m in x["members"])
+    r = run("show", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("extra", [
+    ["--set", "eliminate.keep=[2,3]"],
+    ["--set", "eliminate.colour=1"],
+    ["--set", "search.population=3"],
+    ["--set", "surrogate.steps=-1"],
+])
+def test_eliminate_bad_input_exits_2(run, tmp_path, extra):
+    _store(tmp_path / "run")[0].close()
+    r = run("eliminate", tmp_path / "run", *extra)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+
+
+def test_eliminate_missing_run_exits_2(run):
+    r = run("eliminate", "no/such/run")
+    assert r.exit_code == 2 and "Traceback" not in r.output
