@@ -13,16 +13,44 @@ changes how many images train without changing what the validation/test images l
 
 The CPU arrays are cached per process (`functools.lru_cache`): a worker trains thousands of
 candidates on the same data, and reloading (mnist5k takes seconds to parse) would dominate.
+The device copy is cached too (a GPU worker must not copy CIFAR to the card per candidate).
+
+Datasets: `digits`, `mnist5k` (bundled; no files needed), `cifar10`, `cifar100`, `mnist`,
+`fashionmnist` (torchvision, read from `data_root` in torchvision's own layout -- see `LAYOUTS`;
+fetched only with `download=True`), `imagefolder:PATH` (torchvision `ImageFolder`: one folder
+per class; images of differing sizes are resized to the first image's size) and `npz:PATH`
+(arrays `x` (N,H,W) | (N,H,W,C) | (N,C,H,W), uint8 0..255 or float in [0, 1], and `y`; optional
+`x_test`/`y_test` become the held-out test split; labels are mapped to 0..K-1 in sorted order).
+
+Splits. Without an official test split (digits, mnist5k, imagefolder, npz without x_test) the
+whole set is divided train / val / test by `val_fraction` / `test_fraction` (stratified, seeded by
+`split_seed`). With an official test split (cifar10, cifar100, mnist, fashionmnist, npz with
+x_test) the official test set is the test split and `test_fraction` is ignored; `val_fraction`
+of the official training set becomes the validation split (stratified, seeded). One exception,
+the paper's CIFAR split: for cifar10/cifar100 with the default fractions (0.15 / 0.15) the
+validation split is the contiguous tail train[45000:] (10%) and train is train[:45000].
+
+Images stay standardised float32 (N, C, H, W); `Splits.mean`/`std` (per channel, in [0, 1]
+units) let the trainer undo the standardisation for augmentation (`augment.py` works in [0, 1]).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Splits", "DATASETS", "load_splits", "resolve_device"]
+from .config import ConfigError
+
+__all__ = ["Splits", "DATASETS", "LAYOUTS", "DataError", "load_splits", "resolve_device",
+           "default_data_root"]
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be read: unknown name, missing/incomplete root, bad array file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +67,8 @@ class Splits:
     in_channels: int
     image_size: int
     name: str
+    mean: tuple = ()  # per-channel statistics of the full train split, in [0, 1] pixel units
+    std: tuple = ()
 
     def to(self, device: str | torch.device) -> "Splits":
         moved = {f: getattr(self, f).to(device) for f in
@@ -66,21 +96,136 @@ def _load_mnist5k(data_root: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-# Later issues add CIFAR-10 and friends here (they will use data_root).
+_TV_FILES = {
+    # name -> (torchvision class, folder under ROOT, files torchvision reads there)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+    "cifar100": ("CIFAR100", "cifar-100-python", ["train", "test", "meta"]),
+    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "fashionmnist": ("FashionMNIST", "FashionMNIST/raw",
+                     ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                      "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+}
+# The folder layout torchvision expects, for error messages and docs.
+LAYOUTS = {name: f"ROOT/{folder}/{{{','.join(files)}}}"
+           for name, (_, folder, files) in _TV_FILES.items()}
+_PAPER_SPLIT = {"cifar10", "cifar100"}  # train[:45000] / val[45000:] with default fractions
+_DEFAULT_FRACTIONS = (0.15, 0.15)
+
+
+def default_data_root() -> str:
+    """Where torchvision datasets live when `data_root` is empty: $GP_LOSS_DATA_ROOT, else
+    ~/.cache/gp-loss/data."""
+    return os.environ.get("GP_LOSS_DATA_ROOT") or str(Path("~/.cache/gp-loss/data").expanduser())
+
+
+def _to_nchw01(x: np.ndarray, layout: str) -> np.ndarray:
+    """uint8 or float images in `layout` ('NHW', 'NHWC', 'NCHW') -> float32 NCHW in [0, 1]."""
+    x = np.asarray(x)
+    scale = 255.0 if x.dtype == np.uint8 or (x.size and float(x.max()) > 1.0) else 1.0
+    x = x.astype(np.float32) / np.float32(scale)
+    if layout == "NHW":
+        return x[:, None, :, :]
+    if layout == "NHWC":
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(x)
+
+
+def _load_torchvision(name: str, data_root: str, download: bool) -> tuple:
+    import torchvision.datasets as tvd
+
+    cls_name, folder, files = _TV_FILES[name]
+    root = Path(data_root or default_data_root()).expanduser()
+    missing = [f for f in files if not (root / folder / f).is_file()]
+    hint = (f"dataset {name!r} not found or incomplete under {root} "
+            f"({'missing ' + missing[0] if missing else 'unreadable'}); torchvision expects "
+            f"{LAYOUTS[name]} with ROOT = surrogate.data_root / --data-root (or pass --download "
+            "on a machine with internet)")
+    if missing and not download:
+        raise DataError(hint)
+    cls = getattr(tvd, cls_name)
+    try:
+        parts = [cls(str(root), train=t, download=download) for t in (True, False)]
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:  # corrupt or half-copied files
+        raise DataError(f"{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        ) from exc
+    xs, ys = [], []
+    for ds in parts:
+        data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
+        xs.append(_to_nchw01(data, "NHW" if data.ndim == 3 else "NHWC"))
+        ys.append(np.asarray(ds.targets, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys), len(ys[0])
+
+
+def _load_npz(path: str) -> tuple:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"npz dataset file not found: {p} (expected arrays x (N,H,W) | (N,H,W,C) "
+                        "| (N,C,H,W) and y (N,), optionally x_test, y_test)")
+    with np.load(p, allow_pickle=False) as z:  # never unpickle user files
+        if "x" not in z or "y" not in z:
+            raise DataError(f"{p}: needs arrays 'x' and 'y' (found {', '.join(z.files)})")
+        arrays = [z["x"], z["y"]] + ([z["x_test"], z["y_test"]] if "x_test" in z else [])
+    xs, ys = arrays[0::2], arrays[1::2]
+    for x, y in zip(xs, ys):
+        if x.ndim not in (3, 4) or len(x) != len(y):
+            raise DataError(f"{p}: x must be (N,H,W), (N,H,W,C) or (N,C,H,W) with one label per "
+                            f"image; got x {x.shape}, y {y.shape}")
+    x0 = xs[0]
+    layout = ("NHW" if x0.ndim == 3 else
+              "NCHW" if x0.shape[1] in (1, 3, 4) and x0.shape[3] not in (1, 3, 4) else
+              "NHWC" if x0.shape[3] in (1, 3, 4) else "NCHW")
+    x = np.concatenate([_to_nchw01(a, layout) for a in xs])
+    _, y = np.unique(np.concatenate([np.asarray(a).reshape(-1) for a in ys]), return_inverse=True)
+    return x, y.astype(np.int64), (len(ys[0]) if len(xs) > 1 else None)
+
+
+def _load_imagefolder(path: str) -> tuple:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    p = Path(path).expanduser()
+    try:
+        ds = ImageFolder(str(p))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"imagefolder dataset not readable at {p}: expected PATH/CLASS_NAME/"
+                        f"IMAGE.png (one folder per class) ({exc})") from exc
+    images = [Image.open(f) for f, _ in ds.samples]
+    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    size = images[0].size
+    arrays = [np.asarray(im.convert(mode).resize(size, Image.BILINEAR)
+                         if im.size != size else im.convert(mode)) for im in images]
+    x = np.stack(arrays)
+    y = np.asarray([c for _, c in ds.samples], dtype=np.int64)
+    return _to_nchw01(x, "NHW" if mode == "L" else "NHWC"), y, None
+
+
 DATASETS = {
     "digits": _load_digits,
     "mnist5k": _load_mnist5k,
+    **{name: None for name in _TV_FILES},  # read by _load_torchvision
 }
 
 
 def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    if name in DATASETS or name.startswith(("imagefolder:", "npz:")):
+        return
+    raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}, "
+                    "imagefolder:PATH, npz:PATH")
 
 
 @functools.lru_cache(maxsize=4)
-def _raw(name: str, data_root: str) -> tuple[np.ndarray, np.ndarray]:
-    return DATASETS[name](data_root)
+def _raw(name: str, data_root: str, download: bool = False) -> tuple:
+    """(x float32 NCHW in [0, 1], y int64, n_official_train or None when no official test)."""
+    if name.startswith("npz:"):
+        return _load_npz(name[4:])
+    if name.startswith("imagefolder:"):
+        return _load_imagefolder(name[12:])
+    if name in _TV_FILES:
+        return _load_torchvision(name, data_root, download)
+    x, y = DATASETS[name](data_root)
+    return x, y, None
 
 
 def _stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -115,10 +260,19 @@ def _check_fractions(val_fraction: float, test_fraction: float, train_fraction: 
 
 @functools.lru_cache(maxsize=16)
 def _cpu_splits(name: str, data_root: str, split_seed: int, val_fraction: float,
-                test_fraction: float, train_fraction: float) -> Splits:
-    x, y = _raw(name, data_root)
-    tr, va, te = _stratified_split(y, (1.0 - val_fraction - test_fraction, val_fraction,
-                                       test_fraction), split_seed)
+                test_fraction: float, train_fraction: float, download: bool = False) -> Splits:
+    x, y, n_official = _raw(name, data_root, download)
+    if n_official is None:
+        tr, va, te = _stratified_split(y, (1.0 - val_fraction - test_fraction, val_fraction,
+                                           test_fraction), split_seed)
+    else:
+        te = np.arange(n_official, len(y))
+        if name in _PAPER_SPLIT and (val_fraction, test_fraction) == _DEFAULT_FRACTIONS:
+            n_val = n_official // 10  # the paper: train[:45000] / val[45000:]
+            tr, va = np.arange(n_official - n_val), np.arange(n_official - n_val, n_official)
+        else:
+            tr, va = _stratified_split(y[:n_official], (1.0 - val_fraction, val_fraction),
+                                       split_seed)
     # Statistics from the full train split (before train_fraction): val/test images do not
     # change when an experiment varies the amount of training data.
     mean = x[tr].mean(axis=(0, 2, 3), keepdims=True)
@@ -139,23 +293,34 @@ def _cpu_splits(name: str, data_root: str, split_seed: int, val_fraction: float,
         x_train=images(tr), y_train=labels(tr), x_val=images(va), y_val=labels(va),
         x_test=images(te), y_test=labels(te), num_classes=int(y.max()) + 1,
         in_channels=int(x.shape[1]), image_size=int(x.shape[2]), name=name,
+        mean=tuple(float(v) for v in mean.reshape(-1)), std=tuple(float(v) for v in std.reshape(-1)),
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _device_splits(key: tuple, device: str) -> Splits:
+    return _cpu_splits(*key).to(device)
 
 
 def load_splits(name: str, *, data_root: str = "", split_seed: int = 0,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
-                train_fraction: float = 1.0, device: str | torch.device = "cpu") -> Splits:
+                train_fraction: float = 1.0, device: str | torch.device = "cpu",
+                download: bool = False) -> Splits:
     """The dataset `name` split into train/val/test tensors on `device`.
 
     Same arguments -> same images in the same order, in any process. `train_fraction` < 1 keeps
     a fixed, stratified subset of the train split only. The returned tensors may be shared with
-    the per-process cache: callers must not modify them in place.
+    the per-process caches: callers must not modify them in place. `download=True` lets
+    torchvision fetch a missing dataset; otherwise a missing root raises `DataError` naming
+    the layout torchvision expects.
     """
     _check_name(name)
     _check_fractions(val_fraction, test_fraction, train_fraction)
-    cpu = _cpu_splits(name, str(data_root), int(split_seed), float(val_fraction),
-                      float(test_fraction), float(train_fraction))
-    return cpu if torch.device(device).type == "cpu" else cpu.to(device)
+    key = (name, str(data_root), int(split_seed), float(val_fraction), float(test_fraction),
+           float(train_fraction), bool(download))
+    if torch.device(device).type == "cpu":
+        return _cpu_splits(*key)
+    return _device_splits(key, str(torch.device(device)))
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -29,6 +29,20 @@ Hyperparameters (`SURROGATE_DEFAULTS`) and why:
   midrun_min_acc 0.22      off by default because 400 steps are short already.
   timeout_s 0 (none)       a wall-clock guard for pathological candidates on shared machines.
   weight_decay 0.0         the paper uses Adam without weight decay.
+  image_size 0, augment    native size, no augmentation: the CPU surrogate. The paper's GPU
+  "none"                   surrogate resizes to 80 px and uses RandAugment(2, 5) per image
+                           (`augment.py`); validation/test images are only resized.
+  prescreen_separate       False: the pre-screen is the first `prescreen_steps` of the run
+                           itself. True (the paper): a separate run of prescreen_steps at
+                           prescreen_image_size (0 = image_size) without augmentation, fresh
+                           model and same seed, with its own warm-up/cosine schedule over those
+                           steps; only a candidate that passes it gets the full run.
+  amp "auto", compile      CUDA only: bf16 autocast of the network (the loss always sees float32
+  False                    logits: eps = 1e-7 vanishes in bf16), channels_last, and optionally
+                           torch.compile of the network, once per process and model shape
+                           (`_COMPILED`): candidates reuse it with fresh weights loaded, so a
+                           new loss never recompiles. Never on CPU, which stays deterministic.
+  download False           torchvision datasets are read from data_root, never fetched unasked.
 
 Training accuracy is counted over "windows" (the steps since the previous event); the
 pre-screen compares the best window so far with its threshold, the mid-run rule the latest
@@ -43,6 +57,7 @@ from typing import Callable
 
 import torch
 
+from .augment import AUGMENTS, augment_batch, resize
 from .data import load_splits, resolve_device
 from .models import build_model
 
@@ -69,6 +84,15 @@ SURROGATE_DEFAULTS: dict = {
     "midrun_min_acc": 0.22,
     "timeout_s": 0,
     "weight_decay": 0.0,
+    "image_size": 0,
+    "augment": "none",
+    "randaugment_ops": 2,
+    "randaugment_magnitude": 5.0,
+    "prescreen_separate": False,
+    "prescreen_image_size": 0,
+    "download": False,
+    "amp": "auto",
+    "compile": False,
 }
 
 _EVAL_CHUNK = 4096  # bounds activation memory when a split is evaluated in one go
@@ -82,11 +106,20 @@ def _config(surrogate: dict) -> dict:
     cfg = dict(SURROGATE_DEFAULTS)
     cfg.update({k: v for k, v in (surrogate or {}).items() if k in SURROGATE_DEFAULTS})
     for key in ("steps", "batch_size", "eval_every", "split_seed", "prescreen_steps",
-                "midrun_step"):
+                "midrun_step", "image_size", "randaugment_ops", "prescreen_image_size"):
         cfg[key] = int(cfg[key])
     for key in ("lr", "warmup_fraction", "train_fraction", "val_fraction", "test_fraction",
-                "prescreen_min_acc", "midrun_min_acc", "timeout_s", "weight_decay"):
+                "prescreen_min_acc", "midrun_min_acc", "timeout_s", "weight_decay",
+                "randaugment_magnitude"):
         cfg[key] = float(cfg[key])
+    for key in ("prescreen_separate", "download", "compile"):
+        cfg[key] = bool(cfg[key])
+    if cfg["augment"] not in AUGMENTS:
+        raise ValueError(f"surrogate.augment must be one of {', '.join(AUGMENTS)}")
+    if cfg["amp"] not in ("auto", "bf16", "off"):
+        raise ValueError("surrogate.amp must be auto, bf16 or off")
+    if min(cfg["image_size"], cfg["prescreen_image_size"], cfg["randaugment_ops"]) < 0:
+        raise ValueError("surrogate.image_size, prescreen_image_size, randaugment_ops: >= 0")
     if cfg["steps"] < 1 or cfg["batch_size"] < 1:
         raise ValueError("surrogate.steps and surrogate.batch_size must be >= 1")
     if min(cfg["eval_every"], cfg["prescreen_steps"], cfg["midrun_step"]) < 0:
@@ -110,13 +143,63 @@ def lr_schedule(lr: float, steps: int, warmup_fraction: float) -> list[float]:
 
 
 @torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=None) -> float:
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for i in range(0, x.shape[0], _EVAL_CHUNK):
-        correct += (model(x[i:i + _EVAL_CHUNK]).argmax(1) == y[i:i + _EVAL_CHUNK]).sum()
+        xb = x[i:i + _EVAL_CHUNK]
+        if fast is not None:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast["amp"]):
+                logits = model(xb)
+        else:
+            logits = model(xb)
+        correct += (logits.argmax(1) == y[i:i + _EVAL_CHUNK]).sum()
     model.train()
     return correct.item() / max(1, x.shape[0])
+
+
+# Resized validation/test splits, per process: resized once, not at every evaluation. The key
+# holds the source tensor itself, so its id cannot be reused while the entry lives.
+_RESIZED: dict = {}
+
+
+def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    if size <= 0 or (x.shape[-1] == size and x.shape[-2] == size):
+        return x
+    key = (id(x), size)
+    hit = _RESIZED.get(key)
+    if hit is None or hit[0] is not x:
+        if len(_RESIZED) >= 8:
+            _RESIZED.clear()
+        # chunked: a whole split at 80 px would need a second full-size temporary
+        out = torch.cat([resize(x[i:i + _EVAL_CHUNK], size)
+                         for i in range(0, x.shape[0], _EVAL_CHUNK)])
+        hit = _RESIZED[key] = (x, out)
+    return hit[1]
+
+
+# torch.compile'd networks, one per (model, input shape, classes, device) per process.
+_COMPILED: dict = {}
+
+
+def _network(cfg: dict, splits, size: int, dev: torch.device) -> torch.nn.Module:
+    """A freshly initialised network (from the current, seeded RNG). With compile on CUDA the
+    process's compiled module is reused, with the fresh weights loaded into it."""
+    model = build_model(cfg["model"], splits.in_channels, splits.num_classes, size).to(dev)
+    if dev.type != "cuda":
+        return model
+    model = model.to(memory_format=torch.channels_last)
+    if not cfg["compile"]:
+        return model
+    key = (cfg["model"], splits.in_channels, splits.num_classes, size, str(dev))
+    if key not in _COMPILED:
+        # static shapes: the train batch and the eval chunks each compile once (dynamic
+        # shapes hit an inductor assertion in torch 2.11 on this model)
+        _COMPILED[key] = (model, torch.compile(model, dynamic=False))
+    else:
+        _COMPILED[key][0].load_state_dict(model.state_dict())
+    return _COMPILED[key][1]
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -154,21 +237,46 @@ def train_candidate(loss_fn: LossFn, surrogate: dict, *, seed: int = 0, device: 
     dev = torch.device(resolve_device(device))
     splits = load_splits(cfg["dataset"], data_root=cfg["data_root"], split_seed=cfg["split_seed"],
                          val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"],
-                         train_fraction=cfg["train_fraction"], device=dev)
-    # Forking the RNG makes initial weights (and any dropout) a function of `seed` alone,
-    # whatever ran before in this process, and leaves the caller's RNG state untouched.
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        model = build_model(cfg["model"], splits.in_channels, splits.num_classes,
-                            splits.image_size).to(dev)
-        result = _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0)
+                         train_fraction=cfg["train_fraction"], device=dev,
+                         download=cfg["download"])
+    if cfg["prescreen_separate"] and cfg["prescreen_steps"] > 0:
+        pre = {**cfg, "steps": cfg["prescreen_steps"], "augment": "none", "midrun_step": 0,
+               "image_size": cfg["prescreen_image_size"] or cfg["image_size"], "_no_eval": True}
+        result = _seeded_run(loss_fn, splits, pre, seed, dev, False, t0)
+        if result["status"] != "ok":
+            result["seconds"] = time.perf_counter() - t0
+            return result
+        cfg = {**cfg, "prescreen_steps": 0}
+    result = _seeded_run(loss_fn, splits, cfg, seed, dev, with_test, t0)
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
-def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
+def _seeded_run(loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
+    # Forking the RNG makes initial weights (and any dropout) a function of `seed` alone,
+    # whatever ran before in this process, and leaves the caller's RNG state untouched.
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    size = cfg["image_size"] or splits.image_size
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = _network(cfg, splits, size, dev)
+        return _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size)
+
+
+def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size) -> dict:
     x_train, y_train = splits.x_train, splits.y_train
+    x_val = _resized(splits.x_val, size)
+    # Resize/augment only when asked: the default (CPU, native size) path stays a bare slice.
+    transform = cfg["augment"] != "none" or size != splits.image_size
+    if transform:
+        c = splits.in_channels
+        mean = torch.tensor(splits.mean, device=dev).view(1, c, 1, 1)
+        std = torch.tensor(splits.std, device=dev).view(1, c, 1, 1)
+        aug_gen = torch.Generator(device=dev).manual_seed(seed + 104729)  # own stream
+    fast = None
+    if dev.type == "cuda":
+        fast = {"amp": cfg["amp"] == "bf16" or (cfg["amp"] == "auto"
+                                                and torch.cuda.is_bf16_supported())}
     n = x_train.shape[0]
     if n == 0:
         raise ValueError("the training split is empty (train_fraction too small?)")
@@ -210,9 +318,22 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
         idx = perm[pos]
         pos += 1
         xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
+        if transform:
+            if cfg["augment"] == "none":
+                xb = resize(xb, size)  # linear: commutes with the standardisation
+            else:
+                xb = resize((xb * std + mean).clamp_(0.0, 1.0), size)
+                xb = augment_batch(xb, cfg["augment"], aug_gen, ops=cfg["randaugment_ops"],
+                                   magnitude=cfg["randaugment_magnitude"])
+                xb = (xb - mean) / std
         group["lr"] = lrs[step]
         step += 1
-        logits = model(xb)
+        if fast is not None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast["amp"]):
+                logits = model(xb.contiguous(memory_format=torch.channels_last))
+            logits = logits.float()  # the candidate loss runs in float32
+        else:
+            logits = model(xb)
         opt.zero_grad(set_to_none=True)
         try:
             loss = loss_fn(logits, yb)
@@ -252,8 +373,8 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
         if step == midrun and train_acc < cfg["midrun_min_acc"]:
             status, reason = "failed", "early_stop"
             break
-        if step % eval_every == 0 or step == steps:
-            val = _accuracy(model, splits.x_val, splits.y_val)
+        if (step % eval_every == 0 or step == steps) and not cfg.get("_no_eval"):
+            val = _accuracy(model, x_val, splits.y_val, fast)
             if val > best_val:
                 best_val = val
                 if with_test:
@@ -263,7 +384,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
     test_acc = None
     if with_test and best_state is not None:
         model.load_state_dict(best_state)
-        test_acc = _accuracy(model, splits.x_test, splits.y_test)
+        test_acc = _accuracy(model, _resized(splits.x_test, size), splits.y_test, fast)
     fitness = max(best_val, 0.0)
     return {
         "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,

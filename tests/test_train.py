@@ -201,9 +201,9 @@ def test_test_split_only_with_with_test(monkeypatch):
     seen = []
     real = train._accuracy
 
-    def spy(model, x, y):
+    def spy(model, x, y, *rest):
         seen.append(x.data_ptr())
-        return real(model, x, y)
+        return real(model, x, y, *rest)
 
     monkeypatch.setattr(train, "_accuracy", spy)
     test_ptr = data.load_splits("digits").x_test.data_ptr()
