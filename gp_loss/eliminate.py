@@ -1,0 +1,168 @@
+"""Elimination (the paper's protocol, PAPER-NOTES §5): retrain a run's best in rounds.
+
+``eliminate``: the run's best distinct candidates from the search (phases initial/child, by
+search fitness) are retrained in rounds of rising fidelity. ``keep = [25, 12, 6, 4]`` means: 25
+enter round 1, its best 12 enter round 2, its best 6 round 3, its best 4 round 4, whose ranking
+is final. Round r trains with ``steps[r]`` (default ``steps_factor[r]`` x surrogate.steps,
+factors 1, 2, 3, 4 as the paper's 16k/32k/48k/64k), ``model[r]`` (default: the run's) and
+``seeds[r]`` seeds (surrogate.seed, +1, ...). Score = mean best validation accuracy over the
+seeds, a failed seed counting 0; ties go to the better previous score, then the lower candidate
+id. Every training is a candidates row of phase ``elimR`` (``parent_id`` = the search
+candidate, ``birth`` = the seed, ``key`` = its canonical key), written ``pending`` before
+submission: a rerun re-submits pending rows, skips finished ones, and is a no-op once all
+rounds are done. ``resolve_rounds`` turns an ``[eliminate]`` table into the rounds.
+
+Fed by the CLI (``cli_protocol.py``: ``gp-loss eliminate``, through ``protocol``), a writable
+run store (``store.py``; the driver is its only writer), ``protocol.search_candidates`` for the
+entrants and ``fitness.evaluate`` via ``protocol.run_jobs``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+from typing import Callable, Sequence
+
+from .protocol import InputError, run_jobs, search_candidates
+
+log = logging.getLogger("gp_loss")
+
+ELIM_DEFAULTS = {"keep": [25, 12, 6, 4], "steps": [], "steps_factor": [1, 2, 3, 4],
+                 "model": [], "seeds": [1]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    index: int  # 1-based; its rows have phase f"elim{index}"
+    size: int  # candidates trained in this round
+    keep: int  # how many of them enter the next round (= size in the last round)
+    steps: int
+    model: str
+    seeds: tuple[int, ...]
+
+
+def resolve_rounds(table: dict | None, surrogate: dict) -> list[Round]:
+    """The rounds from an ``[eliminate]`` table (keys of ``ELIM_DEFAULTS``) over the run's
+    surrogate config. Per-round lists may be empty (default) or hold one value (every round)."""
+    table = dict(table or {})
+    unknown = sorted(set(table) - set(ELIM_DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown key eliminate.{unknown[0]}; keys: {', '.join(ELIM_DEFAULTS)}")
+    keep = table.get("keep", ELIM_DEFAULTS["keep"])
+    keep = keep if isinstance(keep, list) else [keep]
+    if not keep or any(not _pos_int(k) for k in keep) or any(b > a for a, b in zip(keep, keep[1:])):
+        raise InputError(f"eliminate.keep must be a non-increasing list of positive integers, "
+                         f"got {keep!r}")
+    n = len(keep)
+    if "steps_factor" not in table and n != len(ELIM_DEFAULTS["steps_factor"]):
+        table["steps_factor"] = list(range(1, n + 1))
+
+    def per_round(name, check, what):
+        v = table.get(name, ELIM_DEFAULTS[name])
+        v = v if isinstance(v, list) else [v]
+        if len(v) not in (0, 1, n) or not all(check(x) for x in v):
+            raise InputError(f"eliminate.{name} must be {what}: empty, one value or {n} values "
+                             f"(one per round), got {v!r}")
+        return [None] * n if not v else v * n if len(v) == 1 else v
+    steps = per_round("steps", _pos_int, "positive integers")
+    factors = per_round("steps_factor", lambda x: isinstance(x, (int, float)) and x > 0,
+                        "positive numbers")
+    models = per_round("model", lambda x: isinstance(x, str) and x.strip(), "model names")
+    seeds = per_round("seeds", _pos_int, "positive integers (seed counts)")
+    s0 = int(surrogate.get("seed", 0))
+    return [Round(i + 1, keep[i], keep[i + 1] if i + 1 < n else keep[i],
+                  int(steps[i] or max(1, round(factors[i] * surrogate["steps"]))),
+                  models[i] or surrogate["model"], tuple(range(s0, s0 + (seeds[i] or 1))))
+            for i in range(n)]
+
+
+def _pos_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
+              evaluate_fn: Callable | None = None, on_done=None) -> dict:
+    """Run (or resume, or just report) the elimination rounds on a writable run store."""
+    import json
+
+    from .executors import make_executor
+    from .fitness import evaluate
+    from .psets import load_pset
+
+    evaluate_fn = evaluate_fn or evaluate
+    ps = load_pset(store.config().get("search", {}).get("pset", "paper"))
+    # What the results depend on; the device and the executor may change between attempts.
+    plan = json.loads(json.dumps({"rounds": [dataclasses.asdict(r) for r in rounds],
+                                  "surrogate": {k: v for k, v in surrogate.items()
+                                                if k != "device"}}, sort_keys=True))
+    saved = store.meta().get("eliminate")
+    if saved is None:
+        entrants = [r["id"] for r in search_candidates(store, rounds[0].size)]
+        if not entrants:
+            raise InputError(f"{store.run_dir}: the run has no evaluated candidates to eliminate")
+        if len(entrants) < rounds[0].size:
+            log.warning("the run has only %d distinct evaluated candidates (round 1 asks for %d)",
+                        len(entrants), rounds[0].size)
+        store.set_meta("eliminate", {**plan, "entrants": entrants})
+    else:
+        if {k: saved.get(k) for k in plan} != plan:
+            raise InputError(f"{store.run_dir}: an elimination with other settings was started "
+                             f"here (rounds/surrogate differ); rerun it with the same --config "
+                             f"and --set, or use a copy of the run")
+        entrants = saved["entrants"]
+    sources = {cid: store.candidate(cid) for cid in entrants}
+    prev = {cid: sources[cid]["fitness"] or 0.0 for cid in entrants}
+    own = executor is None
+    executor = executor or make_executor("serial")
+    trained, out = 0, []
+    try:
+        for pos, rnd in enumerate(rounds):
+            phase = f"elim{rnd.index}"
+            have = {(r["parent_id"], r["birth"]) for r in store.candidates(phase=phase)}
+            missing = [(c, s) for c in entrants for s in rnd.seeds if (c, s) not in have]
+            with store.transaction():  # all of the round's rows exist before any training
+                for cid, seed in missing:
+                    src = sources[cid]
+                    store.add_candidate(src["expr"], "pending", phase=phase, birth=seed,
+                                        key=src["key"], parent_id=cid, sign=src["sign"],
+                                        formula=src["formula"])
+            todo = store.candidates(status="pending", phase=phase)
+            sur = {**surrogate, "steps": rnd.steps, "model": rnd.model}
+            jobs = [(r["expr"], ps.source, sur, r["birth"], r["sign"] or 1, False) for r in todo]
+
+            def record(i, res, todo=todo, rnd=rnd):
+                ok = res.get("status") == "ok" and res.get("val_acc") is not None
+                store.update_candidate(todo[i]["id"], status="evaluated" if ok else "failed",
+                                       fitness=res["val_acc"] if ok else None,
+                                       reason=None if ok else res.get("reason"),
+                                       seconds=res.get("seconds"),
+                                       result={k: v for k, v in res.items() if k != "expr"})
+                if on_done:
+                    on_done(rnd, todo[i], res)
+            run_jobs(jobs, executor, evaluate_fn, record)
+            trained += len(jobs)
+            rows = [r for r in store.candidates(phase=phase) if r["parent_id"] in sources]
+            runs = {cid: [] for cid in entrants}
+            for r in rows:
+                runs[r["parent_id"]].append({"seed": r["birth"], "val_acc": r["fitness"],
+                                             "status": r["status"], "reason": r["reason"],
+                                             "seconds": r["seconds"], "row_id": r["id"]})
+            score = {c: statistics.fmean([x["val_acc"] if x["status"] == "evaluated" else 0.0
+                                          for x in runs[c]]) for c in entrants}
+            ranked = sorted(entrants, key=lambda c: (-score[c], -prev[c], c))
+            go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(ranked)
+            out.append({"round": rnd.index, "phase": phase, "steps": rnd.steps,
+                        "model": rnd.model, "seeds": list(rnd.seeds), "entrants": len(ranked),
+                        "kept": min(go_on, len(ranked)),
+                        "members": [{"rank": k, "id": c, "expr": sources[c]["expr"],
+                                     "formula": sources[c]["formula"], "score": score[c],
+                                     "previous_score": prev[c], "kept": k <= go_on,
+                                     "runs": sorted(runs[c], key=lambda x: x["seed"])}
+                                    for k, c in enumerate(ranked, 1)]})
+            prev, entrants = score, ranked[:go_on]
+    finally:
+        if own:
+            executor.shutdown()
+    return {"run_dir": str(store.run_dir), "rounds": out, "trained_now": trained,
+            "finalists": [{k: m[k] for k in ("rank", "id", "expr", "formula", "score")}
+                          for m in out[-1]["members"]] if out else []}
