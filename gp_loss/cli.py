@@ -82,7 +82,7 @@ def translate(exc: Exception) -> click.ClickException:
     return InternalError(f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); {where}")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def _one_line(text: str, limit: int = 380) -> str:
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first if len(first) <= limit else first[:limit - 3] + "..."
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from .cli import UserError, cli, json_option, pset_option
-from .cli_run import _device_option, _fmt, _resolve_device, _set_option
+from .cli_run import (_device_option, _fmt, _resolve_device, _set_option, data_options,
+                      data_overrides)
 
 log = logging.getLogger("gp_loss")
 
@@ -74,6 +75,7 @@ def format_compare(res: dict) -> str:
               help="Take the surrogate settings from this config (default: quick).")
 @_set_option()
 @_device_option()
+@data_options
 @pset_option()
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs in parallel (spawned processes when > 1).")
@@ -82,7 +84,7 @@ def format_compare(res: dict) -> str:
 @json_option("losses, cells (per loss: runs, test_acc_mean/std, p_value, p_value_holm, "
              "wins, ties, losses), failed_runs")
 def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_seed, lrs,
-            config, sets, device, pset, workers, markdown, as_json):
+            config, sets, device, data_root, download, pset, workers, markdown, as_json):
     """Train losses against cross-entropy on datasets x models x augmentations x seeds.
 
     Reports per cell the test accuracy at the best-validation checkpoint (mean ± std over the
@@ -99,7 +101,8 @@ def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_
     from .executors import make_executor
     from .psets import load_pset
 
-    cfg = load_config(config, list(sets) + ([f"surrogate.device={device}"] if device else []))
+    cfg = load_config(config, data_overrides(data_root, download) + list(sets)
+                      + ([f"surrogate.device={device}"] if device else []))
     ps = load_pset(pset)
     losses, seen = [protocol.make_loss(protocol.BASELINE, ps, protocol.BASELINE)], set()
     seen.add(protocol.BASELINE)

@@ -10,6 +10,7 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -31,6 +32,20 @@ def _set_option():
 def _device_option():
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                         help="Where to train (default: the config's surrogate.device, auto).")
+
+
+def data_options(fn):
+    """--data-root / --download, shared by the commands that train."""
+    fn = click.option("--download", is_flag=True, default=False,
+                      help="Let torchvision download a missing dataset (needs internet).")(fn)
+    return click.option("--data-root", "data_root", default=None, metavar="DIR",
+                        help="Folder holding torchvision datasets (cifar10, cifar100, mnist, "
+                             "fashionmnist); default: the config's surrogate.data_root.")(fn)
+
+
+def data_overrides(data_root, download) -> list:
+    out = [f"surrogate.data_root={json.dumps(str(data_root))}"] if data_root else []
+    return out + (["surrogate.download=true"] if download else [])
 
 
 def _resolve_device(name: str) -> str:
@@ -75,10 +90,11 @@ def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
               help="Where the run store goes (default: runs/<timestamp>). Must not hold a run.")
 @_set_option()
 @_device_option()
+@data_options
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Rows of the final table.")
 @click.pass_context
-def search(ctx, config, run_dir, sets, device, top):
+def search(ctx, config, run_dir, sets, device, data_root, download, top):
     """Run a loss-function search (regularized evolution) from a TOML config.
 
     Without CONFIG the built-in quick config runs (sklearn digits, a tiny CNN, about ten
@@ -94,7 +110,8 @@ def search(ctx, config, run_dir, sets, device, top):
     from .config import load_config
     from .store import RunStore, environment
 
-    cfg = load_config(config, list(sets) + ([f"surrogate.device={device}"] if device else []))
+    cfg = load_config(config, data_overrides(data_root, download) + list(sets)
+                      + ([f"surrogate.device={device}"] if device else []))
     from .psets import load_pset
 
     load_pset(cfg.search.pset)  # a bad set name is bad input before anything is created
@@ -103,6 +120,9 @@ def search(ctx, config, run_dir, sets, device, top):
         raise UserError(f"{run_dir} already holds a run; continue it with: gp-loss resume {run_dir}")
     dev = _resolve_device(cfg.surrogate.device)
     from .config import config_to_dict
+    from .fitness import preflight
+
+    preflight(asdict(cfg.surrogate))  # bad data/model: exit 2 before a run is created
 
     meta = {**environment(), "device": dev, "command": "search"}
     store = RunStore.create(run_dir, config_to_dict(cfg), meta)
@@ -189,9 +209,11 @@ def show(run_dir, top, as_json):
               help="Take the surrogate settings from this config (default: quick).")
 @_set_option()
 @_device_option()
+@data_options
 @pset_option()
 @json_option("runs (seed, val_acc, test_acc, seconds), test_acc_mean, test_acc_std")
-def train(loss, dataset, model, seeds, first_seed, config, sets, device, pset, as_json):
+def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_root, download,
+          pset, as_json):
     """Train the surrogate with one loss over several seeds; report test accuracy.
 
     Test accuracy is measured at the checkpoint with the best validation accuracy (the test
@@ -209,7 +231,7 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, pset, a
 
     extra = [f"surrogate.{k}={v}" for k, v in (("dataset", dataset), ("model", model),
                                                ("device", device)) if v]
-    cfg = load_config(config, list(sets) + extra)
+    cfg = load_config(config, data_overrides(data_root, download) + list(sets) + extra)
     ps = load_pset(pset)
     tree = parse(loss, ps)
     integ = integrity(tree, ps)
@@ -217,10 +239,11 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, pset, a
     if not integ.accepted:
         log.warning("the integrity check rejects this loss (%s); training it with sign +1",
                     integ.reason)
-    from dataclasses import asdict
+    from .fitness import preflight
 
     surrogate = asdict(cfg.surrogate)
     surrogate["device"] = _resolve_device(cfg.surrogate.device)
+    preflight(surrogate)
     text = to_text(tree, ps)
     runs = []
     for seed in range(first_seed, first_seed + seeds):

@@ -174,19 +174,13 @@ def plan_cells(cfg, datasets: Sequence[str], models: Sequence[str], augments: Se
 
 
 def _preflight(sur: dict) -> None:
-    """Load the data and build the model once in the driver, so that an unknown dataset or
-    model, or a missing data root, is bad input rather than a column of failed runs."""
-    from .data import load_splits
-    from .models import build_model
+    """fitness.preflight, reported as this module's InputError (exit 2 on the CLI)."""
+    from .fitness import preflight
 
     try:
-        s = load_splits(sur["dataset"], data_root=sur["data_root"], split_seed=sur["split_seed"],
-                        val_fraction=sur["val_fraction"], test_fraction=sur["test_fraction"],
-                        train_fraction=sur["train_fraction"])
-        build_model(sur["model"], s.in_channels, s.num_classes, sur["image_size"] or s.image_size)
-    except (ValueError, KeyError, OSError) as exc:
-        raise InputError(str(exc).strip().splitlines()[0] if str(exc).strip() else
-                         type(exc).__name__) from None
+        preflight(sur)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def compare(losses: Sequence[Loss], cells: Sequence[Cell], seeds: Sequence[int],

@@ -140,8 +140,7 @@ def _load_torchvision(name: str, data_root: str, download: bool) -> tuple:
     missing = [f for f in files if not (root / folder / f).is_file()]
     hint = (f"dataset {name!r} not found or incomplete under {root} "
             f"({'missing ' + missing[0] if missing else 'unreadable'}); torchvision expects "
-            f"{LAYOUTS[name]} with ROOT = surrogate.data_root / --data-root (or pass --download "
-            "on a machine with internet)")
+            f"{LAYOUTS[name]}; ROOT = --data-root (--download fetches it where online)")
     if missing and not download:
         raise DataError(hint)
     cls = getattr(tvd, cls_name)

@@ -38,3 +38,29 @@ def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: 
                   "steps": 0, "seconds": time.perf_counter() - t0, "device": None}
     result["expr"] = expr
     return result
+
+
+def preflight(surrogate: dict) -> None:
+    """Load the data and build the model once in the driver, before any training.
+
+    An unknown dataset or model, or a missing data root, is then bad input (``ConfigError``,
+    exit 2 on the CLI) instead of a column of failed evaluations.
+    """
+    from .config import ConfigError
+    from .data import load_splits
+    from .models import build_model
+
+    try:
+        s = load_splits(surrogate["dataset"], data_root=surrogate.get("data_root", ""),
+                        split_seed=surrogate.get("split_seed", 0),
+                        val_fraction=surrogate.get("val_fraction", 0.15),
+                        test_fraction=surrogate.get("test_fraction", 0.15),
+                        train_fraction=surrogate.get("train_fraction", 1.0),
+                        download=bool(surrogate.get("download", False)))
+        build_model(surrogate["model"], s.in_channels, s.num_classes,
+                    surrogate.get("image_size") or s.image_size)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, OSError) as exc:
+        text = str(exc).strip()
+        raise ConfigError(text.splitlines()[0] if text else type(exc).__name__) from None
