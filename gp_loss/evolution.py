@@ -96,6 +96,8 @@ class Evolution:
         member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
         self.pending_rows = []
         for row in self.store.candidates():
+            if row["phase"] not in ("initial", "child", "reference"):
+                continue  # e.g. elimination re-runs: not part of the search's state
             if row["phase"] == "reference" or row["status"] not in ("evaluated", "reused",
                                                                        "failed", "pending"):
                 if row["phase"] == "reference" and row["status"] == "pending":
@@ -120,10 +122,13 @@ class Evolution:
         tree = parse(row["expr"], self.pset)
         scr = self.screen.screen(tree, self.pset)
         sign = row["sign"] if row["sign"] is not None else scr.sign
+        birth = row["birth"] or 0
+        # A child's age is its birth number (as in _commit_child): a child still in flight
+        # when the run stopped must not come back as old as the initial members.
         return Cand(row["id"], tree, row["key"], scr.fingerprint,
                     self.screen.phenotype(scr.curve, sign) if scr.curve is not None else None,
                     sign, row["fitness"] if row["status"] in ("evaluated", "reused") else None,
-                    birth=row["birth"] or 0, phase=row["phase"])
+                    age=birth if row["phase"] == "child" else 0, birth=birth, phase=row["phase"])
 
     # ------------------------------------------------------------------ bookkeeping helpers
     def _rng(self, *parts) -> random.Random:
@@ -170,6 +175,11 @@ class Evolution:
                 return "near_duplicate", "phenotype within tolerance", (scr, key)
         past = self.past.find(key, scr.fingerprint)
         return ("reuse" if past is not None else "new"), past, (scr, key, phen)
+
+    @staticmethod
+    def _own_seconds(t0, rows) -> float:
+        """Driver seconds since t0 not already recorded on the rejected rows before it."""
+        return time.perf_counter() - t0 - sum(r["engine_seconds"] for r in rows)
 
     def _reject_row(self, tree, status, reason, phase, birth, parent, kind, secs):
         return dict(expr=to_text(tree, self.pset), status=status, reason=str(reason),
@@ -224,7 +234,7 @@ class Evolution:
                 scr, key, phen = extra
                 cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
                                                phase="initial", birth=i, key=key, sign=scr.sign,
-                                               engine_seconds=time.perf_counter() - t0)
+                                               engine_seconds=self._own_seconds(t0, rows))
                 cand = Cand(cid, tree, key, scr.fingerprint, phen, scr.sign, birth=i,
                             phase="initial")
                 self.pool.add(cid, key, scr.fingerprint)
@@ -277,7 +287,7 @@ class Evolution:
                 cand.id = self.store.add_candidate(
                     text, "reused", reason=f"same as #{past_id}",
                     fitness=old["fitness"] if ok else None, result=old.get("result"),
-                    engine_seconds=time.perf_counter() - t0, **common)
+                    engine_seconds=self._own_seconds(t0, rows), **common)
                 cand.fitness = old["fitness"] if ok else None
                 self.children_done += 1
                 if ok:
@@ -286,7 +296,7 @@ class Evolution:
                     self._add_past(cand, {**old, "id": cand.id})
             else:
                 cand.id = self.store.add_candidate(text, "pending",
-                                                   engine_seconds=time.perf_counter() - t0,
+                                                   engine_seconds=self._own_seconds(t0, rows),
                                                    **common)
                 self.pool.add(cand.id, key, scr.fingerprint)
             self.next_birth = n + 1

@@ -1,0 +1,399 @@
+"""The search engine (gp_loss.evolution + cli_run): loop semantics, one real tiny search, errors.
+
+Loop-semantics tests run in-process with the serial executor and a fake ``evaluate``
+(monkeypatched as ``gp_loss.evolution.evaluate``), so they are fast and exact; screening,
+canonical keys and mutations are the real ones. One end-to-end search trains for real through
+the CLI (in-process, ``CliRunner``) with a tiny budget. Kill-and-resume tests are in
+test_resume.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gp_loss.evolution as evo
+from gp_loss.cli import cli
+from gp_loss.config import Config, apply_overrides
+from gp_loss.store import RunStore
+from gp_loss.trees import parse
+
+CHILD_DONE = ("evaluated", "reused", "failed")      # statuses that count as a child
+NOT_PROPOSALS = ("rejected", "duplicate", "near_duplicate")
+TABLE = ("phase", "birth", "expr", "status", "reason", "fitness", "sign", "parent_id")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # One thread, as search workers use: tiny models train fastest so, and the serial
+    # executor would change the count for the whole process anyway. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- fakes and helpers
+
+def _unit(expr: str, salt: str) -> float:
+    return int(hashlib.sha256(f"{salt}:{expr}".encode()).hexdigest()[:8], 16) / 16**8
+
+
+class FakeEvaluate:
+    """Stands in for fitness.evaluate: instant, deterministic, records every call.
+
+    ``table`` maps expression text -> fitness, or 'fail' (a failed result) or 'raise' (an
+    exception, as a worker crash would give). Other expressions: every ``fail_every``-th call
+    fails, every ``raise_every``-th raises (by call number, so that the outcomes do not hinge
+    on which expressions the mutations happen to produce), else a hash-based fitness.
+    """
+
+    def __init__(self, table=None, fail_every=0, raise_every=0):
+        self.table, self.fail_every, self.raise_every = table or {}, fail_every, raise_every
+        self.calls: list[str] = []
+
+    def __call__(self, expr, pset_name, eval_config, seed=0, sign=1, with_test=False):
+        self.calls.append(expr)
+        n = len(self.calls)
+        outcome = self.table.get(expr)
+        if outcome is None:
+            outcome = ("raise" if self.raise_every and n % self.raise_every == 0 else
+                       "fail" if self.fail_every and n % self.fail_every == 0 else
+                       round(0.1 + 0.8 * _unit(expr, "fitness"), 2))  # 2 decimals: ties happen
+        if outcome == "raise":
+            raise RuntimeError(f"boom on {expr}")
+        if outcome == "fail":
+            return {"status": "failed", "reason": "nan_loss", "fitness": 0.0, "steps": 3,
+                    "seconds": 0.0}
+        return {"status": "ok", "reason": None, "fitness": float(outcome),
+                "steps": eval_config["steps"], "seconds": 0.0}
+
+
+BASE = ["executor.kind=serial", "search.reference=[]", "surrogate.steps=100"]
+
+
+def make_cfg(*sets) -> Config:
+    return apply_overrides(Config(), BASE + list(sets))
+
+
+def run_fake(run_dir, cfg, fake, monkeypatch, spy=None):
+    """Run a whole search in-process with ``fake`` as the evaluation; returns the open store."""
+    monkeypatch.setattr(evo, "evaluate", fake)
+    if spy is not None:
+        orig = evo.Evolution._insert
+
+        def insert(self, cand):
+            before = {r["id"]: (r["age_order"], r["fitness"]) for r in self.store.population()}
+            orig(self, cand)
+            after = {r["id"]: (r["age_order"], r["fitness"]) for r in self.store.population()}
+            spy.append((cand.id, before, after))
+        monkeypatch.setattr(evo.Evolution, "_insert", insert)
+    store = evo.start_run(run_dir, cfg)
+    result = evo.Evolution(store, cfg).run()
+    assert result["stop_reason"] == "finished", result
+    return store
+
+
+def table(store):
+    return [tuple(r[k] for k in TABLE) for r in store.candidates()]
+
+
+def same_as(reason):
+    m = re.fullmatch(r"same as #(\d+)", reason or "")
+    return int(m.group(1)) if m else None
+
+
+def check_accounting(store, cfg):
+    """Invariants of every finished run: one proposal per birth, the counter, no pending."""
+    s = cfg.search
+    rows = store.candidates()
+    assert not [r for r in rows if r["status"] == "pending"]
+    for phase, expected in (("initial", list(range(len(s.seed_with) + s.initial))),
+                            ("child", list(range(1, s.children + 1)))):
+        births = sorted(r["birth"] for r in rows
+                        if r["phase"] == phase and r["status"] not in NOT_PROPOSALS)
+        if phase == "initial":  # a seed that duplicates an earlier one is skipped
+            assert set(births) <= set(expected) and len(births) == len(set(births))
+        else:
+            assert births == expected
+    children = [r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]
+    assert len(children) == s.children == store.get_state("children_done")
+    assert len(store.population()) <= s.population
+    assert all(r["status"] in ("evaluated", "reused") and r["fitness"] is not None
+               for r in store.population())
+
+
+# --------------------------------------------------------------------------- scripted loop
+
+def test_scripted_duplicates_reuse_failures_retries_and_aging(tmp_path, monkeypatch):
+    """Every rule of DESIGN §5.4/§6 on a hand-written sequence of mutations."""
+    script = [
+        "mul(y, log(p))",                # child 1: same as member ce (sign -1 vs +1): duplicate
+        "focal",                         # new -> evaluated 0.7; ages out mse (tie: lowest fit)
+        "square(sub(p, y))",             # child 2: same as aged-out mse -> reused, no training
+        None,                            # child 3: no valid mutation -> rejected
+        "neg(mul(y, sqrt(p)))",          # fails training -> recorded, not inserted
+        "add(y, log(p))",                # child 4: ignores the target -> rejected
+        "square(sub(y, p))",             # same as the reused member -> duplicate; that makes
+                                         # max_retries=2 rejections in a row: new parent
+        "neg(mul(y, tanh(p)))",          # -> evaluated 0.8
+    ]
+    queue = list(script)
+
+    def fake_mutate(tree, pset, rng, weights):
+        text = queue.pop(0)
+        return (None, "node") if text is None else (parse(text, pset), "scripted")
+
+    monkeypatch.setattr(evo, "mutate", fake_mutate)
+    fake = FakeEvaluate({"neg(mul(y, log(p)))": 0.6, "square(sub(y, p))": 0.5,
+                         "neg(mul(square(sub(1, p)), mul(y, log(p))))": 0.7,
+                         "neg(mul(y, sqrt(p)))": "fail", "neg(mul(y, tanh(p)))": 0.8})
+    cfg = make_cfg("search.initial=0", 'search.seed_with=["ce", "mse"]', "search.population=2",
+                   "search.tournament=1", "search.children=4", "search.max_retries=2")
+    spy = []
+    store = run_fake(tmp_path / "run", cfg, fake, monkeypatch, spy)
+    assert not queue
+
+    rows = {r["id"]: r for r in store.candidates()}
+    got = [(r["phase"], r["birth"], r["status"], r["fitness"]) for r in rows.values()]
+    assert got == [
+        ("initial", 0, "evaluated", 0.6), ("initial", 1, "evaluated", 0.5),
+        ("child", 1, "duplicate", None), ("child", 1, "evaluated", 0.7),
+        ("child", 2, "reused", 0.5),
+        ("child", 3, "rejected", None), ("child", 3, "failed", None),
+        ("child", 4, "rejected", None), ("child", 4, "duplicate", None),
+        ("child", 4, "rejected", None), ("child", 4, "evaluated", 0.8)]
+    assert same_as(rows[3]["reason"]) == 1          # the member ce
+    assert same_as(rows[5]["reason"]) == 2          # the aged-out mse: its stored fitness
+    assert rows[6]["reason"] == "no_valid_mutation"
+    assert rows[7]["reason"] == "nan_loss"
+    assert rows[8]["reason"].startswith("integrity")
+    assert same_as(rows[9]["reason"]) == 5
+    assert rows[10]["reason"] == "max_retries"
+    assert rows[3]["parent_id"] in (1, 2) and rows[4]["parent_id"] == rows[3]["parent_id"]
+    # Reused and rejected candidates were never trained; everything else exactly once.
+    assert fake.calls == ["neg(mul(y, log(p)))", "square(sub(y, p))",
+                          "neg(mul(square(sub(1, p)), mul(y, log(p))))",
+                          "neg(mul(y, sqrt(p)))", "neg(mul(y, tanh(p)))"]
+    # Aging: initial members equally old, ties -> lowest fitness; then the oldest goes.
+    assert [(cid, sorted((set(before) | {cid}) - set(after))) for cid, before, after in spy] == \
+        [(4, [2]), (5, [1]), (11, [4])]
+    assert {r["id"]: r["age_order"] for r in store.population()} == {5: 2, 11: 4}
+    assert store.get_state("children_done") == 4
+    check_accounting(store, cfg)
+
+
+# --------------------------------------------------------------------------- random loop
+
+RANDOM = ["search.initial=6", "search.population=4", "search.tournament=3",
+          "search.children=25"]
+
+
+def test_random_search_invariants(tmp_path, monkeypatch):
+    """Real mutations and screening, fake training with failures and worker errors."""
+    fake = FakeEvaluate(fail_every=4, raise_every=7)
+    cfg = make_cfg(*RANDOM)
+    spy = []
+    store = run_fake(tmp_path / "run", cfg, fake, monkeypatch, spy)
+    check_accounting(store, cfg)
+    rows = {r["id"]: r for r in store.candidates()}
+
+    # Failed candidates carry a reason, including exceptions raised by the evaluation.
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert failed and all(r["reason"] for r in failed)
+    assert any(r["reason"] == "nan_loss" for r in failed)
+    assert any(r["reason"].startswith("worker: RuntimeError: boom") for r in failed)
+    assert all(r["fitness"] is None for r in failed)
+
+    # Population: never above search.population; the oldest (ties: lowest fitness, then id)
+    # leaves; failed candidates never enter.
+    failed_ids = {r["id"] for r in failed}
+    for cid, before, after in spy:
+        assert cid in after and len(after) <= cfg.search.population
+        assert not failed_ids & set(after)
+        pool = {**before, cid: after[cid]}
+        removed = set(pool) - set(after)
+        if len(pool) > cfg.search.population:
+            oldest = min(pool, key=lambda i: (pool[i][0], pool[i][1], i))
+            assert removed == {oldest}
+        else:
+            assert not removed
+
+    # Training happened exactly for the evaluated and failed rows, never for reused ones.
+    trained = [r["expr"] for r in rows.values() if r["status"] in ("evaluated", "failed")]
+    assert sorted(fake.calls) == sorted(trained)
+    # Reuse takes the stored fitness of a candidate that is no longer a member.
+    members = {r["id"] for r in store.population()}
+    for r in rows.values():
+        if r["status"] == "reused":
+            old = rows[same_as(r["reason"])]
+            assert old["id"] < r["id"] and old["id"] not in members
+            assert old["status"] in CHILD_DONE and r["fitness"] == old["fitness"]
+        if r["status"] == "duplicate":
+            assert rows[same_as(r["reason"])]["status"] not in NOT_PROPOSALS
+    assert {"duplicate", "rejected"} <= {r["status"] for r in rows.values()}
+
+
+def test_same_seed_same_table_other_seed_differs(tmp_path, monkeypatch):
+    cfg = make_cfg(*RANDOM, "search.children=10")
+    runs = [table(run_fake(tmp_path / f"run{i}", cfg, FakeEvaluate(fail_every=5), monkeypatch))
+            for i in range(2)]
+    other = table(run_fake(tmp_path / "seed1", apply_overrides(cfg, ["search.seed=1"]),
+                           FakeEvaluate(fail_every=5), monkeypatch))
+    assert runs[0] == runs[1]
+    assert other != runs[0]
+
+
+def test_reference_and_seed_with_are_evaluated(tmp_path, monkeypatch):
+    fake = FakeEvaluate({"neg(mul(y, log(p)))": 0.9})
+    cfg = make_cfg("search.reference=[\"ce\"]", 'search.seed_with=["ce", "ce"]',
+                   "search.initial=2", "search.population=2", "search.children=2")
+    store = run_fake(tmp_path / "run", cfg, fake, monkeypatch)
+    ref = store.candidates(phase="reference")
+    assert [(r["expr"], r["status"], r["fitness"]) for r in ref] == \
+        [("neg(mul(y, log(p)))", "evaluated", 0.9)]
+    init = store.candidates(phase="initial")
+    # The second "ce" seed duplicates the first: recorded and skipped.
+    assert [(r["birth"], r["status"]) for r in init[:2]] == [(0, "evaluated"), (1, "duplicate")]
+    assert init[0]["expr"] == "neg(mul(y, log(p)))"
+    check_accounting(store, cfg)
+
+
+# --------------------------------------------------------------------------- real, via the CLI
+
+TINY = ["--set", "search.initial=5", "--set", "search.population=3", "--set",
+        "search.tournament=2", "--set", "search.children=5", "--set", "surrogate.steps=40",
+        "--set", "surrogate.prescreen_steps=20", "--set", "executor.kind=serial"]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    return runner.invoke(cli, ["-q", *args], catch_exceptions=False)
+
+
+def test_end_to_end_search_show_and_table(runner, tmp_path):
+    run_dir = tmp_path / "run"
+    # A seed that overflows at the first step: a real training failure the run survives.
+    res = invoke(runner, "search", "--run-dir", str(run_dir), *TINY,
+                 "--set", 'search.seed_with=["exp(exp(exp(exp(y))))"]')
+    assert res.exit_code == 0, res.output
+    with RunStore.open(run_dir, readonly=True) as store:
+        rows = store.candidates()
+        ref = store.candidates(phase="reference")
+        assert [(r["expr"], r["status"]) for r in ref] == [("neg(mul(y, log(p)))", "evaluated")]
+        seed = [r for r in rows if r["phase"] == "initial" and r["birth"] == 0]
+        assert [(r["status"], r["reason"] in ("inf_loss", "nan_loss")) for r in seed] == \
+            [("failed", True)]
+        initial = [r for r in rows if r["phase"] == "initial" and r["status"] not in NOT_PROPOSALS]
+        assert sorted(r["birth"] for r in initial) == list(range(6))
+        children = [r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]
+        assert sorted(r["birth"] for r in children) == [1, 2, 3, 4, 5]
+        assert store.get_state("children_done") == 5 and store.get_state("phase") == "done"
+        assert 1 <= len(store.population()) <= 3
+        assert not store.pending()
+        meta = store.meta()
+        assert meta["config"]["search"]["children"] == 5 and meta["device"] == "cpu"
+        assert meta["torch"] and meta["python"]
+    ce_fit = ref[0]["fitness"]
+    assert 0 < ce_fit <= 1
+    assert "ref" in res.output and f"{ce_fit:.4f}" in res.output
+
+    shown = invoke(runner, "show", str(run_dir), "--json", "--top", "3")
+    assert shown.exit_code == 0, shown.output
+    s = json.loads(shown.output)
+    assert 1 <= len(s["top"]) <= 3
+    for item in s["top"]:
+        assert {"id", "expr", "formula", "fitness", "sign"} <= set(item)
+        assert item["sign"] in (1, -1) and 0 <= item["fitness"] <= 1 and item["formula"]
+    fits = [t["fitness"] for t in s["top"]]
+    assert fits == sorted(fits, reverse=True)
+    counts = s["counts"]
+    assert {"evaluated", "reused", "failed", "duplicates", "near_duplicates",
+            "rejected"} <= set(counts)
+    assert isinstance(counts["rejected"], dict)
+    # The search's candidates (initial + children); the reference is reported apart.
+    assert counts["evaluated"] + counts["reused"] + counts["failed"] == 6 + 5
+    assert counts["failed"] >= 1
+    assert [(r["name"], r["fitness"]) for r in s["reference"]] == [("ce", ce_fit)]
+    assert set(s["seconds"]) >= {"surrogate", "engine", "wall"}
+    assert s["seconds"]["surrogate"] > 0 and s["seconds"]["engine"] > 0
+    assert s["seconds"]["wall"] >= s["seconds"]["surrogate"]
+
+    plain = invoke(runner, "show", str(run_dir))
+    assert plain.exit_code == 0 and f"{ce_fit:.4f}" in plain.output
+
+
+def test_train_json_fields(runner):
+    res = invoke(runner, "train", "--loss", "ce", "--seeds", "2", "--json",
+                 "--set", "surrogate.steps=40", "--set", "surrogate.prescreen_steps=20")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    for r in out["runs"]:
+        assert {"seed", "val_acc", "test_acc", "seconds"} <= set(r)
+        assert 0 < r["val_acc"] <= 1 and 0 < r["test_acc"] <= 1 and r["seconds"] > 0
+    tests = [r["test_acc"] for r in out["runs"]]
+    assert out["test_acc_mean"] == pytest.approx(sum(tests) / 2)
+    assert out["test_acc_std"] >= 0
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("setting, key", [
+    ("search.populaton=3", "search.populaton"),
+    ("search.population=abc", "search.population"),
+    ("surrogate.steps=1.5", "surrogate.steps"),
+    ("executor.kind=threads", "executor.kind"),
+])
+def test_bad_config_exits_2_naming_the_key(runner, tmp_path, setting, key):
+    res = runner.invoke(cli, ["search", "--run-dir", str(tmp_path / "r"), "--set", setting])
+    assert res.exit_code == 2 and key in res.output
+    assert "Traceback" not in res.output
+    assert not RunStore.exists(tmp_path / "r")
+
+
+def test_bad_config_file_exits_2(runner, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[search]\npopulation = 'many'\n")
+    res = runner.invoke(cli, ["search", str(cfg), "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "search.population" in res.output
+
+
+def test_store_errors_exit_2(runner, tmp_path):
+    existing = tmp_path / "run"
+    evo.start_run(existing, make_cfg()).close()
+    res = runner.invoke(cli, ["search", "--run-dir", str(existing), *TINY])
+    assert res.exit_code == 2 and "gp-loss resume" in res.output
+
+    def foreign(path):
+        con = sqlite3.connect(path)
+        con.execute("CREATE TABLE t(x)")
+        con.close()
+
+    for name, make in [
+        ("missing", lambda path: None),
+        ("corrupt", lambda path: path.write_bytes(b"SQLite format 3\x00" + b"\x07" * 500)),
+        ("garbage", lambda path: path.write_text("not a database")),
+        ("foreign", foreign),
+    ]:
+        d = tmp_path / name
+        d.mkdir()
+        make(d / "run.sqlite")
+        res = runner.invoke(cli, ["resume", str(d)])
+        assert res.exit_code == 2, (name, res.output)
+        assert "Traceback" not in res.output
+
+    for setting in ("search.population=5", "surrogate.steps=10", "search.seed=3"):
+        res = runner.invoke(cli, ["resume", str(existing), "--set", setting])
+        assert res.exit_code == 2 and setting.split("=")[0] in res.output
+    with RunStore.open(existing, readonly=True) as store:
+        assert store.config()["search"]["population"] == 100
