@@ -402,6 +402,12 @@ class Evolution:
         self.wall_base = self.store.get_state("wall_seconds", 0.0)
         self._load()
         ex_cfg = self.cfg.executor
+        if ex_cfg.kind != "serial":
+            import torch
+
+            # The driver only screens tiny float64 batches: one thread, leave the cores to
+            # the workers (two contending threads make screening several times slower).
+            torch.set_num_threads(1)
         self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads)
         try:
             for row, cand in self.pending_rows:  # resume: re-submit what was in flight

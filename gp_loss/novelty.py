@@ -99,15 +99,16 @@ class NoveltyIndex:
         return True
 
     def find(self, key, fp):
-        """The id of an indexed candidate that is the same (key or fingerprint), else None."""
-        if key is not None and key in self._by_key:
-            return self._by_key[key][0]
+        """The lowest id of the indexed candidates that are the same (key or fingerprint), else
+        None. The lowest, not the first found: a resumed run rebuilds the index in id order,
+        and the answer must not depend on insertion order."""
+        hits = list(self._by_key.get(key, ())) if key is not None else []
         n, width = len(self._cids), _probe().size + _probe().rows
         if n == 0 or fp is None:
-            return None
+            return min(hits) if hits else None
         fp = np.asarray(fp, dtype=np.float64).ravel()
         if fp.size != width or not np.all(np.isfinite(fp)):
-            return None
+            return min(hits) if hits else None
         mine, aux = self._summary(fp), self._aux[:n]
         q, (gg, qq, ss) = mine[:-3], mine[-3:]
         gg_i, qq_i, ss_i = aux[:, -3], aux[:, -2], aux[:, -1]
@@ -120,7 +121,8 @@ class NoveltyIndex:
             # A constant matches constants only, whatever the tolerances say.
             ok = ~nonzero if is_constant(fp) else nonzero & _rows_match_many(stack, fp)
             rows = rows[ok]
-        return self._cids[rows[0]] if rows.size else None
+        hits.extend(self._cids[r] for r in rows)
+        return min(hits) if hits else None
 
 
 # ----------------------------------------------------------------------------- phenotype filter

@@ -41,6 +41,7 @@ import numpy as np
 
 from .primitives import EPS
 from .psets import load_pset
+from .trees import var_name
 
 RTOL = 1e-6          # relative tolerance of ``same`` on fingerprints (per probe row)
 ZERO_TOL = 1e-9      # a row below ZERO_TOL * sum_c p_c |dL/dp_c| is rounding noise: zero
@@ -304,6 +305,10 @@ def screen(tree, pset="paper") -> ScreenResult:
     """Steps 1-3 in order (one compile, one evaluation); the fingerprint when accepted."""
     pset = load_pset(pset)
     tree = _tree_of(tree, pset)  # bad text raises ParseError (bad input, not a rejection)
+    if not any(var_name(node, pset) == "p" for node in tree):
+        # Without p the sweep (fixed y, varying p) is flat or non-finite: rejected either way,
+        # so skip compiling it -- most random initial trees are like this.
+        return ScreenResult(False, "integrity_constant", 1, None, np.full(SWEEP_ROWS, np.nan))
     try:
         _, _, curve, values, grads = _evaluate(tree, pset)
     except (RuntimeError, ValueError, TypeError, ArithmeticError):
