@@ -319,10 +319,6 @@ def random_tree(pset="paper", rng: random.Random | None = None, min_height=None,
 
 # ----------------------------------------------------------------------------- mutations
 
-def _node_type(pset, tree, index):
-    return tree[index].ret
-
-
 def mut_subtree(tree, pset, rng):
     """Replace a random subtree by a new random one of the same type (DEAP ``mutUniform``)."""
     i = rng.randrange(len(tree))
