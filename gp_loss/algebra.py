@@ -267,7 +267,7 @@ def _proper(term, steps: int = 4):
 
 def normal_form(expr) -> sympy.Expr:
     """Bounded expansion plus a few exact rewrites, bottom-up and iterative; deterministic."""
-    expr = sympy.sympify(expr)
+    expr = sympy.sympify(expr, strict=True)  # never parse strings
     memo = {}
     stack = [(expr, False)]
     while stack:

@@ -27,6 +27,7 @@ Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and no
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -163,8 +164,12 @@ class Evolution:
         scr = self.screen.screen(tree, self.pset)
         if not scr.accepted:
             return "rejected", scr.reason, scr
-        key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
-        hit = self.pool.find(key, scr.fingerprint)
+        # Fingerprint first: most duplicates are caught there, and the SymPy key (the driver's
+        # dearest step) is then never computed for them.
+        key, hit = None, self.pool.find(None, scr.fingerprint)
+        if hit is None:
+            key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
+            hit = self.pool.find(key, None)
         if hit is not None:
             return "duplicate", f"same as #{hit}", (scr, key)
         tol = self.cfg.search.phenotype_tolerance
@@ -209,7 +214,10 @@ class Evolution:
         rows, t0 = [], time.perf_counter()
         seeds = list(s.seed_with)
         rng = self._rng("initial", i)
-        while True:
+        for attempt in itertools.count():
+            if attempt >= MAX_ROUNDS * s.max_retries or self._out_of_time():
+                self._give_up(rows, f"no new acceptable initial candidate after {attempt} random "
+                                    "trees: the primitive set looks too small for search.initial")
             t1 = time.perf_counter()
             if i < len(seeds):
                 tree, forced = parse(seeds[i], self.pset), True
@@ -269,8 +277,22 @@ class Evolution:
                                              time.perf_counter() - t1))
             rows.append(self._reject_row(parent.tree, "rejected", "max_retries", "child", n,
                                          parent.id, None, 0.0))
-        raise SearchStopped(f"no acceptable child after {MAX_ROUNDS} parents x "
+            if self._out_of_time():
+                self._give_up(rows, "max_minutes reached while looking for an acceptable child")
+        self._give_up(rows, f"no acceptable child after {MAX_ROUNDS} parents x "
                             f"{s.max_retries} retries: the search space looks exhausted")
+
+    def _out_of_time(self) -> bool:
+        m = self.cfg.search.max_minutes
+        return bool(m) and time.monotonic() - self.t_start > 60 * m
+
+    def _give_up(self, rows, why):
+        """Keep the rejected attempts (they are part of the run's record), then stop."""
+        with self.store.transaction():
+            for r in rows:
+                self.store.add_candidate(**r)
+            self._state()
+        raise SearchStopped(why)
 
     def _commit_child(self, n, rows, child, kind, parent, status, past_id, extra, t0):
         scr, key, phen = extra
@@ -385,7 +407,7 @@ class Evolution:
         s, ex = self.cfg.search, self.cfg.executor
         workers = 1 if ex.kind == "serial" else max(1, ex.workers)
         while len(self.inflight) < workers and self.stop_reason is None:
-            if s.max_minutes and time.monotonic() - self.t_start > 60 * s.max_minutes:
+            if self._out_of_time():
                 self.stop_reason = "max_minutes"
             elif not self.refs_done and s.reference:
                 self._propose_reference()

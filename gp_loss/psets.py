@@ -15,6 +15,7 @@ putting it in a folder listed in ``GP_LOSS_PSET_PATH``) without touching the eng
 from __future__ import annotations
 
 import functools
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -119,6 +120,10 @@ def _load_cached(path_str: str) -> PSet:
         raise PSetError(f"{where}: root type {root!r} is not among types {type_names}")
     types = {t: type(t, (), {"__module__": "gp_loss.psets"}) for t in type_names}
     term_names = list(terminals)
+    if not term_names or not set(term_names) <= {"y", "p"}:
+        # The printer's functions take exactly (y, p) and terminal names are pasted into the
+        # generated source: nothing else may be a terminal.
+        raise PSetError(f"{where}: terminals must be y and/or p, got {term_names}")
     for t_name, t_type in terminals.items():
         if t_type not in types:
             raise PSetError(f"{where}: terminal {t_name!r} has unknown type {t_type!r}")
@@ -164,7 +169,11 @@ def _load_cached(path_str: str) -> PSet:
     if set(overloads) & set(term_names):
         raise PSetError(f"{where}: a terminal shares its name with an operation")
 
-    constants = tuple(float(c) for c in data.get("constants", []))
+    raw_constants = data.get("constants", [])
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+               for c in raw_constants):
+        raise PSetError(f"{where}: constants must be finite numbers, got {raw_constants}")
+    constants = tuple(float(c) for c in raw_constants)
     for value in constants:
         for t in types.values():
             # DEAP formats unnamed terminals with str(value); ints print as "1", "-1".

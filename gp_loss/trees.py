@@ -26,7 +26,7 @@ from .psets import PSet, load_pset
 MAX_TEXT = 100_000  # characters; far above any tree within the size limits
 
 _TOKEN = re.compile(r"\s*(?:(?P<num>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-                    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[(),]))")
+                    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[(),]))", re.ASCII)
 _NONFINITE = {"inf", "infinity", "nan"}
 
 
@@ -86,6 +86,8 @@ def _scan(text: str, pset: PSet, max_height: int, max_size: int, zoo_depth: int 
                 number = float(val)
                 if not math.isfinite(number):
                     raise ParseError(f"non-finite literal {val!r} at position {pos}")
+                if number == 0.0 and any(ch in "123456789" for ch in val.lower().split("e")[0]):
+                    raise ParseError(f"literal {val!r} at position {pos} underflows to 0")
                 nodes.append(_Node("lit", None, number, pos))
                 expect_operand = False
             elif kind == "name":

@@ -1,0 +1,59 @@
+"""Hostile primitive-set files and search spaces too small for the budget.
+
+A set file's terminal names would end up in generated source, so anything but y/p is refused;
+a search whose set cannot supply enough distinct candidates stops with a reason (and keeps the
+attempts it recorded) instead of looping forever.
+"""
+from __future__ import annotations
+
+import pytest
+
+import gp_loss.evolution as evo
+from gp_loss.psets import PSetError, load_pset
+from tests.test_search import FakeEvaluate, make_cfg
+
+SET = """
+name = "{name}"
+types = ["Elem"]
+root = "Elem"
+class_sum = true
+constants = {constants}
+[terminals]
+{terminals}
+[elementwise]
+Elem = {ops}
+"""
+
+
+def _write(tmp_path, name, terminals='y = "Elem"\np = "Elem"', constants="[1, -1]",
+           ops='["neg", "log", "mul"]'):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(SET.format(name=name, terminals=terminals, constants=constants, ops=ops))
+    return path
+
+
+@pytest.mark.parametrize("terminals", [
+    '"(__import__(\'os\').getcwd() or p)" = "Elem"\ny = "Elem"',
+    'y = "Elem"\nq = "Elem"',
+])
+def test_terminal_names_other_than_y_and_p_are_refused(tmp_path, terminals):
+    with pytest.raises(PSetError, match="terminals must be y and/or p"):
+        load_pset(str(_write(tmp_path, "evil", terminals=terminals)))
+
+
+@pytest.mark.parametrize("constants", ["[nan]", "[inf, 1]", '["1"]', "[true]"])
+def test_non_finite_or_non_numeric_constants_are_refused(tmp_path, constants):
+    with pytest.raises(PSetError, match="constants must be finite numbers"):
+        load_pset(str(_write(tmp_path, "badconst", constants=constants)))
+
+
+def test_a_too_small_search_space_stops_with_a_reason(tmp_path, monkeypatch):
+    pset = _write(tmp_path, "tiny_ops", ops='["neg", "log"]', constants="[]")
+    cfg = make_cfg(f"search.pset={str(pset)!r}", "search.initial=20", "search.population=5",
+                   "search.children=3", "search.max_retries=4")
+    monkeypatch.setattr(evo, "evaluate", FakeEvaluate())
+    store = evo.start_run(tmp_path / "run", cfg)
+    result = evo.Evolution(store, cfg).run()
+    assert "too small" in result["stop_reason"]
+    # The rejected attempts of the unfinished proposal were kept, not lost.
+    assert store.counts()["rejected"] + store.counts()["duplicate"] > 0
