@@ -217,8 +217,8 @@ def check(ctx, expr: str, pset: str, as_json: bool) -> None:
     """Screen EXPR as the search does before any training; exit 0 if accepted, 1 if rejected.
 
     Runs the paper's integrity check (which also picks the sign that makes the loss decrease
-    toward correct predictions), then the dependence and finiteness checks (DESIGN §5, steps
-    1-3). Malformed expressions are bad input (exit 2), not rejections.
+    toward correct predictions), then the checks that the loss depends on both p and y
+    and is finite with a finite gradient. Malformed expressions are bad input (exit 2), not rejections.
 
     \b
     Examples:

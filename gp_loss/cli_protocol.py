@@ -101,8 +101,20 @@ def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_
     from .executors import make_executor
     from .psets import load_pset
 
-    cfg = load_config(config, data_overrides(data_root, download) + list(sets)
-                      + ([f"surrogate.device={device}"] if device else []))
+    overrides = (data_overrides(data_root, download) + list(sets)
+                 + ([f"surrogate.device={device}"] if device else []))
+    if from_run and config is None:
+        # Re-test a run's finalists under the run's own surrogate unless told otherwise.
+        from .config import apply_overrides, config_from_dict
+        from .store import RunStore
+
+        with RunStore.open(from_run, readonly=True) as store:
+            cfg = apply_overrides(config_from_dict(store.config()), overrides)
+        log.info("surrogate settings from %s (give --config to use others)", from_run)
+    else:
+        cfg = load_config(config, overrides)
+    if markdown and not Path(markdown).resolve().parent.is_dir():
+        raise UserError(f"cannot write {markdown}: folder {Path(markdown).parent} does not exist")
     ps = load_pset(pset)
     losses, seen = [protocol.make_loss(protocol.BASELINE, ps, protocol.BASELINE)], set()
     seen.add(protocol.BASELINE)

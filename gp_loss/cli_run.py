@@ -106,8 +106,8 @@ def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
 def search(ctx, config, run_dir, sets, device, data_root, download, top):
     """Run a loss-function search (regularized evolution) from a TOML config.
 
-    Without CONFIG the built-in quick config runs (sklearn digits, a tiny CNN, about ten
-    minutes on 2 CPU cores). CONFIG may also name a built-in config (quick, paper). Progress is
+    Without CONFIG the built-in quick config runs (sklearn digits, a tiny CNN, 6-9 minutes on
+    2 CPU cores). CONFIG may also name a built-in config (quick, paper, mnist5k). Progress is
     stored in RUN_DIR/run.sqlite after every step: Ctrl-C (or a kill) loses nothing and
     `gp-loss resume RUN_DIR` continues.
 
@@ -137,7 +137,8 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     store = RunStore.create(run_dir, config_to_dict(cfg), meta)
     log.info("run %s: %s set, %s/%s, %d initial + %d children, executor %s x%d, device %s",
              run_dir, cfg.search.pset, cfg.surrogate.dataset, cfg.surrogate.model,
-             cfg.search.initial, cfg.search.children, cfg.executor.kind, cfg.executor.workers, dev)
+             cfg.search.initial, cfg.search.children, cfg.executor.kind,
+             1 if cfg.executor.kind == "serial" else cfg.executor.workers, dev)
     quiet = log.getEffectiveLevel() > logging.INFO
     try:
         _run_search(store, cfg, run_dir, top, quiet)

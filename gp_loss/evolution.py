@@ -82,6 +82,7 @@ class Evolution:
         self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
         self.past = screen.NoveltyIndex()    # evaluated earlier, no longer members: reuse
         self.past_rows: dict[int, dict] = {}
+        self._past_cands: dict[int, Cand] = {}
         self.stop_reason = None
         self.best = None
 
@@ -116,8 +117,9 @@ class Evolution:
                 self.past_rows[cand.id] = row
             else:
                 self._add_past(cand, row)
-        for cand in self.members.values():
-            self._note_best(cand)
+        past = [self._past_cands[i] for i in sorted(self._past_cands)]
+        for cand in list(self.members.values()) + past:
+            self._note_best(cand)  # best so far over the whole run, not only the members
 
     def _cand_from_row(self, row) -> Cand:
         tree = parse(row["expr"], self.pset)
@@ -143,6 +145,7 @@ class Evolution:
     def _add_past(self, cand: Cand, row: dict):
         self.past.add(cand.id, cand.key, cand.fingerprint)
         self.past_rows[cand.id] = row
+        self._past_cands[cand.id] = cand
 
     def _note_best(self, cand: Cand):
         if cand.fitness is not None and (self.best is None or cand.fitness > self.best.fitness):
@@ -397,7 +400,7 @@ class Evolution:
             self._state()
         self.pool, self.past, self.past_rows = (self.screen.NoveltyIndex(),
                                                 self.screen.NoveltyIndex(), {})
-        self.members = {}
+        self.members, self._past_cands = {}, {}
         self._load()
         log.info("initial population: %d members, best fitness %.4f", len(self.members),
                  keep[0]["fitness"])
