@@ -132,6 +132,11 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     from .fitness import preflight
 
     preflight(asdict(cfg.surrogate))  # bad data/model: exit 2 before a run is created
+    sur = cfg.surrogate
+    if sur.prescreen_steps >= sur.steps and not sur.prescreen_separate:
+        log.warning("surrogate.prescreen_steps (%d) >= surrogate.steps (%d): the pre-screen never "
+                    "applies in this search (longer runs, e.g. eliminate rounds, will apply it)",
+                    sur.prescreen_steps, sur.steps)
 
     meta = {**environment(), "device": dev, "command": "search"}
     store = RunStore.create(run_dir, config_to_dict(cfg), meta)
