@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from .cli import UserError, cli, json_option, pset_option
-from .cli_run import (_device_option, _fmt, _resolve_device, _set_option, data_options,
-                      data_overrides)
+from .cli_run import (_device_option, _fmt, _resolve_device, _set_option, config_option,
+                      data_options, data_overrides, seed_options)
 
 log = logging.getLogger("gp_loss")
 
@@ -65,14 +65,11 @@ def format_compare(res: dict) -> str:
 @click.option("--model", "models", multiple=True, help="Model (repeatable; default: config).")
 @click.option("--augment", "augments", multiple=True,
               help="Augmentation: none, flipcrop, randaugment (repeatable; default: config).")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Number of seeds: 0..N-1 (shifted by --first-seed).")
-@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True)
+@seed_options(default=3)
 @click.option("--lr", "lrs", multiple=True, type=click.FloatRange(min=0, min_open=True),
               help="Learning rates to try (repeatable): each loss keeps, per cell, the one with "
                    "the best mean validation accuracy.")
-@click.option("--config", "config", default=None, metavar="CONFIG.toml",
-              help="Take the surrogate settings from this config (default: quick).")
+@config_option()
 @_set_option()
 @_device_option()
 @data_options

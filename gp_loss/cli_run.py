@@ -34,6 +34,22 @@ def _device_option():
                         help="Where to train (default: the config's surrogate.device, auto).")
 
 
+def seed_options(default: int):
+    """--seeds N (seeds 0..N-1) and --first-seed S, shared by train and compare."""
+    def wrap(fn):
+        fn = click.option("--first-seed", type=click.IntRange(min=0), default=0,
+                          show_default=True, help="Shift the seeds to S..S+N-1.")(fn)
+        return click.option("--seeds", type=click.IntRange(min=1), default=default,
+                            show_default=True,
+                            help="Number of seeds: 0..N-1 (shifted by --first-seed).")(fn)
+    return wrap
+
+
+def config_option():
+    return click.option("--config", "config", default=None, metavar="CONFIG.toml",
+                        help="Take the surrogate settings from this config (default: quick).")
+
+
 def data_options(fn):
     """--data-root / --download, shared by the commands that train."""
     fn = click.option("--download", is_flag=True, default=False,
@@ -217,11 +233,8 @@ def show(run_dir, top, as_json):
               help="The loss to train with, e.g. ce or 'sub(div(y, p), log(p))'.")
 @click.option("--dataset", default=None, help="Dataset (default: the config's; digits).")
 @click.option("--model", default=None, help="Model (default: the config's; tinycnn).")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Number of seeds: 0..N-1 (shifted by --first-seed).")
-@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--config", "config", default=None, metavar="CONFIG.toml",
-              help="Take the surrogate settings from this config (default: quick).")
+@seed_options(default=1)
+@config_option()
 @_set_option()
 @_device_option()
 @data_options

@@ -35,14 +35,6 @@ NOT_PROPOSALS = ("rejected", "duplicate", "near_duplicate")
 DONE = ("evaluated", "reused", "failed")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def table(run_dir):
     with RunStore.open(run_dir, readonly=True) as store:
         rows = [tuple(r[k] for k in ("id",) + FIELDS) for r in store.candidates()]

@@ -28,16 +28,6 @@ NOT_PROPOSALS = ("rejected", "duplicate", "near_duplicate")
 TABLE = ("phase", "birth", "expr", "status", "reason", "fitness", "sign", "parent_id")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # One thread, as search workers use: tiny models train fastest so, and the serial
-    # executor would change the count for the whole process anyway. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- fakes and helpers
 
 def _unit(expr: str, salt: str) -> float:
