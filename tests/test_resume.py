@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import gp_loss.evolution as evo
