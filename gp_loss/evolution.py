@@ -82,9 +82,8 @@ class Evolution:
         self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
         self.past = screen.NoveltyIndex()    # evaluated earlier, no longer members: reuse
         self.past_rows: dict[int, dict] = {}
-        self._past_cands: dict[int, Cand] = {}
         self.stop_reason = None
-        self.best = None
+        self.best = None                     # (fitness, expression text), best so far
 
     # ------------------------------------------------------------------ resume from the store
     def _load(self):
@@ -106,6 +105,7 @@ class Evolution:
                     self.pending_rows.append((row, None))
                 continue
             cand = self._cand_from_row(row)
+            self._note_best(cand.fitness, row["expr"])  # over the whole run, not only members
             if row["status"] == "pending":
                 self.pending_rows.append((row, cand))
                 self.pool.add(cand.id, cand.key, cand.fingerprint)
@@ -113,13 +113,9 @@ class Evolution:
                 cand.age = member_ids[row["id"]]
                 self._add_member(cand)
             elif self.phase == "initial" and row["phase"] == "initial":
-                self.pool.add(cand.id, cand.key, cand.fingerprint)
-                self.past_rows[cand.id] = row
+                self.pool.add(cand.id, cand.key, cand.fingerprint)  # dedup within the pool
             else:
                 self._add_past(cand, row)
-        past = [self._past_cands[i] for i in sorted(self._past_cands)]
-        for cand in list(self.members.values()) + past:
-            self._note_best(cand)  # best so far over the whole run, not only the members
 
     def _cand_from_row(self, row) -> Cand:
         tree = parse(row["expr"], self.pset)
@@ -145,13 +141,13 @@ class Evolution:
     def _add_past(self, cand: Cand, row: dict):
         self.past.add(cand.id, cand.key, cand.fingerprint)
         self.past_rows[cand.id] = row
-        self._past_cands[cand.id] = cand
 
-    def _note_best(self, cand: Cand):
-        if cand.fitness is not None and (self.best is None or cand.fitness > self.best.fitness):
-            self.best = cand
+    def _note_best(self, fitness, expr):
+        """Track the best so far; ``expr`` is text or a tree (printed only when it wins)."""
+        if fitness is not None and (self.best is None or fitness > self.best[0]):
+            self.best = (fitness, expr if isinstance(expr, str) else to_text(expr, self.pset))
             if self.progress is not None:
-                self.progress.best(cand.fitness, to_text(cand.tree, self.pset))
+                self.progress.best(*self.best)
 
     def _wall(self) -> float:
         return self.wall_base + time.monotonic() - self.t_start
@@ -336,7 +332,7 @@ class Evolution:
         """Add a successful child to the population and age out the oldest (in a transaction)."""
         self.store.add_member(cand.id, cand.age)
         self._add_member(cand)
-        self._note_best(cand)
+        self._note_best(cand.fitness, cand.tree)
         if len(self.members) > self.cfg.search.population:
             oldest = min(self.members.values(), key=lambda c: (c.age, c.fitness, c.id))
             self.store.remove_member(oldest.id)
@@ -375,9 +371,7 @@ class Evolution:
                     else:
                         self._add_past(cand, row)
                 else:  # initial: stays in the pool until every initial evaluation is back
-                    self.past_rows[cid] = row
-                    if ok:
-                        self._note_best(cand)
+                    self._note_best(fitness, cand.tree)
             self._state()
             engine = (row["engine_seconds"] or 0.0) + time.perf_counter() - t0
             self.store.update_candidate(cid, status=row["status"], reason=row["reason"],
@@ -400,7 +394,7 @@ class Evolution:
             self._state()
         self.pool, self.past, self.past_rows = (self.screen.NoveltyIndex(),
                                                 self.screen.NoveltyIndex(), {})
-        self.members, self._past_cands = {}, {}
+        self.members = {}
         self._load()
         log.info("initial population: %d members, best fitness %.4f", len(self.members),
                  keep[0]["fitness"])
@@ -460,8 +454,8 @@ class Evolution:
         finally:
             self.executor.shutdown(wait=False, cancel=True)
         return {"stop_reason": self.stop_reason, "children": self.children_done,
-                "best_fitness": self.best.fitness if self.best else None,
-                "best_expr": to_text(self.best.tree, self.pset) if self.best else None}
+                "best_fitness": self.best[0] if self.best else None,
+                "best_expr": self.best[1] if self.best else None}
 
 
 def start_run(run_dir, cfg: Config, meta: dict | None = None):

@@ -43,6 +43,8 @@ def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: 
 def preflight(surrogate: dict) -> None:
     """Load the data and build the model once in the driver, before any training.
 
+    ``surrogate`` is a full surrogate dict (``asdict(SurrogateConfig)``), as workers get it.
+
     An unknown dataset or model, or a missing data root, is then bad input (``ConfigError``,
     exit 2 on the CLI) instead of a column of failed evaluations.
     """
@@ -51,14 +53,13 @@ def preflight(surrogate: dict) -> None:
     from .models import build_model
 
     try:
-        s = load_splits(surrogate["dataset"], data_root=surrogate.get("data_root", ""),
-                        split_seed=surrogate.get("split_seed", 0),
-                        val_fraction=surrogate.get("val_fraction", 0.15),
-                        test_fraction=surrogate.get("test_fraction", 0.15),
-                        train_fraction=surrogate.get("train_fraction", 1.0),
-                        download=bool(surrogate.get("download", False)))
+        s = load_splits(surrogate["dataset"], data_root=surrogate["data_root"],
+                        split_seed=surrogate["split_seed"], val_fraction=surrogate["val_fraction"],
+                        test_fraction=surrogate["test_fraction"],
+                        train_fraction=surrogate["train_fraction"],
+                        download=bool(surrogate["download"]))
         build_model(surrogate["model"], s.in_channels, s.num_classes,
-                    surrogate.get("image_size") or s.image_size)
+                    surrogate["image_size"] or s.image_size)
     except ConfigError:
         raise
     except (ValueError, KeyError, OSError) as exc:
