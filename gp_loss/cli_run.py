@@ -87,7 +87,7 @@ def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
     from .evolution import Evolution
 
     s = cfg.search
-    total = len(s.reference) + len(s.seed_with) + s.initial + s.children
+    total = len(s.reference) + len(s.seed_with) + s.initial + cfg.rescore_count() + s.children
     done = sum(v for k, v in store.counts().items() if k in ("evaluated", "failed", "reused"))
     progress = report.Progress(total, min(done, total), disable=quiet)
     try:

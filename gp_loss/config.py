@@ -30,9 +30,11 @@ class ConfigError(ValueError):
 
 AUGMENTS = ("none", "flipcrop", "randaugment")
 EXECUTOR_KINDS = ("serial", "process", "ray")
-# Only the surrogate itself for now; the paper's cheaper initial fitness (32 px, no
-# augmentation) arrives with the paper surrogate.
-INITIAL_FITNESS_KINDS = ("surrogate",)
+# "surrogate": the initial candidates are scored by the surrogate itself. "cheap": the paper's
+# seeding -- they are scored by the surrogate overlaid with `search.initial_surrogate` (the paper:
+# 32 px, no augmentation, batch 128), and only the best `search.rescore` of them are re-scored
+# by the surrogate before the population is chosen.
+INITIAL_FITNESS_KINDS = ("surrogate", "cheap")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -74,6 +76,10 @@ def _coerce_fields(obj: Any) -> None:
             value = tuple(value)
         elif dataclasses.is_dataclass(want):
             _check(isinstance(value, want), key, f"expected a table, got {_describe(value)}")
+        elif typing.get_origin(want) is dict or want is dict:
+            # a table of another section's keys; Config checks the keys and values
+            _check(isinstance(value, dict), key, f"expected a table, got {_describe(value)}")
+            value = dict(value)
         else:  # pragma: no cover - a new field type without a rule here is a programming error
             raise TypeError(f"no type rule for {key}: {want!r}")
         object.__setattr__(obj, f.name, value)
@@ -119,6 +125,9 @@ class SearchConfig:
     children: int = 4000  # evaluated or reused children; rejected proposals do not count
     initial: int = 1000  # random screened candidates evaluated to seed the population
     initial_fitness: str = "surrogate"
+    # with initial_fitness = "cheap": surrogate keys overridden for the initial scoring
+    initial_surrogate: dict[str, Any] = field(default_factory=dict)
+    rescore: int = 0  # with "cheap": initial candidates re-scored by the surrogate; 0 = population
     seed: int = 0
     seed_with: tuple[str, ...] = ()  # expressions or zoo names added to the initial pool
     reference: tuple[str, ...] = ("ce",)  # trained once under the same budget, for the report
@@ -141,6 +150,7 @@ class SearchConfig:
                "must be >= 1 when search.seed_with is empty (the population needs a member)")
         _check(self.initial_fitness in INITIAL_FITNESS_KINDS, f"{s}.initial_fitness",
                f"must be one of {', '.join(INITIAL_FITNESS_KINDS)}")
+        _check(self.rescore >= 0, f"{s}.rescore", "must be >= 0 (0 = search.population)")
         _check(self.seed >= 0, f"{s}.seed", "must be >= 0")
         _check(self.max_retries >= 1, f"{s}.max_retries", "must be >= 1")
         _check(self.max_minutes >= 0, f"{s}.max_minutes", "must be >= 0 (0 = unbounded)")
@@ -247,6 +257,32 @@ class Config:
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
+    def __post_init__(self) -> None:
+        self.initial_surrogate()  # names a bad key of search.initial_surrogate now, not later
+
+    def initial_surrogate(self) -> SurrogateConfig:
+        """The surrogate that scores the initial candidates (the surrogate itself unless
+        ``search.initial_fitness = "cheap"``)."""
+        table = self.search.initial_surrogate
+        if self.search.initial_fitness != "cheap" or not table:
+            return self.surrogate
+        names = [f.name for f in dataclasses.fields(SurrogateConfig)]
+        for key in table:
+            if key not in names:
+                raise ConfigError(f"unknown key 'search.initial_surrogate.{key}'"
+                                  f"{_suggest(key, names, 'search.initial_surrogate.')}; it "
+                                  f"takes [surrogate] keys")
+        try:
+            return dataclasses.replace(self.surrogate, **table)
+        except ConfigError as exc:
+            raise ConfigError(f"search.initial_surrogate: {exc}") from None
+
+    def rescore_count(self) -> int:
+        """How many cheaply scored initial candidates the surrogate re-scores (0 if none)."""
+        if self.search.initial_fitness != "cheap":
+            return 0
+        return self.search.rescore or self.search.population
+
 
 _SECTIONS: dict[str, type] = {"search": SearchConfig, "surrogate": SurrogateConfig,
                               "executor": ExecutorConfig}
@@ -292,6 +328,8 @@ def config_to_dict(cfg: Config) -> dict:
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, tuple):
             return [plain(v) for v in value]
+        if isinstance(value, dict):  # a copy: overrides must not reach into a frozen config
+            return {k: plain(v) for k, v in value.items()}
         return value
     return plain(cfg)
 

@@ -3,7 +3,11 @@
 The loop (DESIGN §6), written for clarity because training dominates the cost:
 
     initial: evaluate `initial` random screened candidates (+ `seed_with`); keep the best
-             `population` of them, all equally old
+             `population` of them, all equally old. With search.initial_fitness = "cheap"
+             (the paper's seeding) they are first scored by the cheaper initial surrogate
+             (phase "seeding"), and the best `rescore` of them are re-scored by the surrogate
+             (phase "initial", parent = the seeding row) before the population is chosen;
+             a cheap fitness is never ranked against, or reused for, a surrogate fitness.
     repeat until `children` children were evaluated or reused:
         parent  = best of `tournament` members drawn with replacement
         child   = mutate(parent) until it passes screening and is not the same as a member
@@ -76,8 +80,12 @@ class Evolution:
             self.pset = dataclasses.replace(self.pset, max_height=s.max_depth or self.pset.max_height,
                                             max_size=s.max_size or self.pset.max_size)
         self.eval_config = asdict(cfg.surrogate)
+        self.cheap = s.initial_fitness == "cheap"
+        self.seed_eval_config = asdict(cfg.initial_surrogate())
+        self.first_phase = "seeding" if self.cheap else "initial"  # where random trees go
         self.weights = asdict(s.mutation)
         self.members: dict[int, Cand] = {}   # population (ids -> Cand)
+        self.queue: list = []                # stored pending evaluations not yet submitted
         self.inflight: dict = {}             # future -> Cand
         self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
         self.past = screen.NoveltyIndex()    # evaluated earlier, no longer members: reuse
@@ -89,30 +97,34 @@ class Evolution:
     def _load(self):
         st = self.store.state()
         # A finished run resumed with a larger `children` simply carries on evolving.
-        self.phase = {"done": "evolve"}.get(st.get("phase", "initial"), st.get("phase", "initial"))
+        phase = st.get("phase", self.first_phase)
+        self.phase = {"done": "evolve"}.get(phase, phase)
         self.next_init = st.get("next_init", 0)
         self.next_birth = st.get("next_birth", 1)
         self.children_done = st.get("children_done", 0)
         self.refs_done = st.get("refs_done", False)
         member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
-        self.pending_rows = []
+        self.queue = []
         for row in self.store.candidates():
-            if row["phase"] not in ("initial", "child", "reference"):
+            if row["phase"] not in ("seeding", "initial", "child", "reference"):
                 continue  # e.g. elimination re-runs: not part of the search's state
+            if row["phase"] == "seeding" and self.phase != "seeding":
+                continue  # a cheap fitness: never reused for, or ranked with, the surrogate's
             if row["phase"] == "reference" or row["status"] not in ("evaluated", "reused",
                                                                        "failed", "pending"):
                 if row["phase"] == "reference" and row["status"] == "pending":
-                    self.pending_rows.append((row, None))
+                    self.queue.append((row["id"], row["expr"], row["sign"] or 1, None))
                 continue
             cand = self._cand_from_row(row)
-            self._note_best(cand.fitness, row["expr"])  # over the whole run, not only members
-            if row["status"] == "pending":
-                self.pending_rows.append((row, cand))
+            if row["phase"] != "seeding":  # over the whole run, not only members
+                self._note_best(cand.fitness, row["expr"])
+            if row["status"] == "pending":  # resume: re-submitted first, in id order
+                self.queue.append((row["id"], row["expr"], row["sign"] or 1, cand))
                 self.pool.add(cand.id, cand.key, cand.fingerprint)
             elif row["id"] in member_ids:
                 cand.age = member_ids[row["id"]]
                 self._add_member(cand)
-            elif self.phase == "initial" and row["phase"] == "initial":
+            elif self.phase in ("seeding", "initial") and row["phase"] == self.phase:
                 self.pool.add(cand.id, cand.key, cand.fingerprint)  # dedup within the pool
             else:
                 self._add_past(cand, row)
@@ -209,7 +221,7 @@ class Evolution:
 
     def _propose_initial(self):
         """Propose initial candidate number next_init (seeds first, then random trees)."""
-        s, i = self.cfg.search, self.next_init
+        s, i, phase = self.cfg.search, self.next_init, self.first_phase
         rows, t0 = [], time.perf_counter()
         seeds = list(s.seed_with)
         rng = self._rng("initial", i)
@@ -229,7 +241,7 @@ class Evolution:
                 status, info, extra = "new", None, (scr, key, None)
             if status in ("new", "reuse"):
                 break
-            rows.append(self._reject_row(tree, status, info, "initial", i, None, None,
+            rows.append(self._reject_row(tree, status, info, phase, i, None, None,
                                          time.perf_counter() - t1))
             if forced:  # a seed that duplicates an earlier one: skip it
                 tree = None
@@ -240,10 +252,10 @@ class Evolution:
             if tree is not None:
                 scr, key, phen = extra
                 cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
-                                               phase="initial", birth=i, key=key, sign=scr.sign,
+                                               phase=phase, birth=i, key=key, sign=scr.sign,
                                                engine_seconds=self._own_seconds(t0, rows))
                 cand = Cand(cid, tree, key, scr.fingerprint, phen, scr.sign, birth=i,
-                            phase="initial")
+                            phase=phase)
                 self.pool.add(cid, key, scr.fingerprint)
             self.next_init = i + 1
             self._state()
@@ -342,7 +354,9 @@ class Evolution:
 
     # ------------------------------------------------------------------ evaluations
     def _submit(self, cid, text, sign, cand):
-        fut = self.executor.submit(evaluate, text, self.pset.source, self.eval_config,
+        seeding = cand is not None and cand.phase == "seeding"
+        fut = self.executor.submit(evaluate, text, self.pset.source,
+                                   self.seed_eval_config if seeding else self.eval_config,
                                    self.cfg.surrogate.seed, sign)
         self.inflight[fut] = (cid, cand)
 
@@ -370,7 +384,7 @@ class Evolution:
                         self._insert(cand)
                     else:
                         self._add_past(cand, row)
-                else:  # initial: stays in the pool until every initial evaluation is back
+                elif cand.phase == "initial":  # stays in the pool until the phase ends
                     self._note_best(fitness, cand.tree)
             self._state()
             engine = (row["engine_seconds"] or 0.0) + time.perf_counter() - t0
@@ -380,6 +394,25 @@ class Evolution:
         if self.progress is not None:
             self.progress.advance()
         log.debug("#%d %s %s", cid, res.get("status"), fitness)
+
+    def _start_rescore(self):
+        """End of the seeding phase: the best `rescore` cheaply scored candidates become
+        pending initial rows (one transaction), re-scored by the surrogate."""
+        rows = [r for r in self.store.candidates(phase="seeding") if r["status"] == "evaluated"]
+        if not rows:
+            raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
+        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
+        with self.store.transaction():
+            for rank, r in enumerate(rows[:self.cfg.rescore_count()]):
+                self.store.add_candidate(r["expr"], "pending", phase="initial", birth=rank,
+                                         key=r["key"], sign=r["sign"], parent_id=r["id"],
+                                         reason=f"re-score of #{r['id']}")
+            self.phase = "initial"
+            self._state()
+        self.pool = self.screen.NoveltyIndex()
+        self._load()
+        log.info("seeding done: the best %d of %d re-scored by the surrogate", len(self.queue),
+                 len(rows))
 
     def _select_initial(self):
         """End of the initial phase: the best `population` successes, all equally old."""
@@ -406,9 +439,11 @@ class Evolution:
         while len(self.inflight) < workers and self.stop_reason is None:
             if self._out_of_time():
                 self.stop_reason = "max_minutes"
+            elif self.queue:
+                self._submit(*self.queue.pop(0))
             elif not self.refs_done and s.reference:
                 self._propose_reference()
-            elif self.phase == "initial" and self.next_init < len(s.seed_with) + s.initial:
+            elif self.phase == self.first_phase and self.next_init < len(s.seed_with) + s.initial:
                 self._propose_initial()
             elif self.phase == "evolve" and self.children_done + len(self.inflight) < s.children:
                 self._propose_child()
@@ -429,8 +464,6 @@ class Evolution:
             torch.set_num_threads(1)
         self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads)
         try:
-            for row, cand in self.pending_rows:  # resume: re-submit what was in flight
-                self._submit(row["id"], row["expr"], row["sign"] or 1, cand)
             while True:
                 self._fill()
                 if self.inflight:
@@ -440,6 +473,9 @@ class Evolution:
                     continue
                 if self.stop_reason:
                     break
+                if self.phase == "seeding":
+                    self._start_rescore()
+                    continue
                 if self.phase == "initial":
                     self._select_initial()
                     continue

@@ -38,6 +38,38 @@ def test_builtin_configs_load_and_validate():
     s = paper.search
     assert (s.initial, s.population, s.tournament, s.children) == (1000, 100, 20, 4000)
     assert (s.phenotype_tolerance, s.max_retries, s.seed_with) == (0.01, 2500, ())
+    sur = paper.surrogate
+    assert (sur.dataset, sur.model, sur.image_size, sur.augment, sur.steps, sur.batch_size) == \
+        ("cifar10", "resnet9v2", 80, "randaugment", 8000, 64)
+    assert (sur.randaugment_ops, sur.randaugment_magnitude, sur.lr, sur.warmup_fraction) == \
+        (2, 5.0, 1e-3, 0.1)
+    assert (sur.prescreen_separate, sur.prescreen_steps, sur.prescreen_image_size,
+            sur.prescreen_min_acc, sur.midrun_step, sur.midrun_min_acc) == \
+        (True, 800, 32, 0.35, 800, 0.22)
+    # the paper's seeding: 1000 scored at 32 px without augmentation, the best 100 re-scored
+    cheap = paper.initial_surrogate()
+    assert s.initial_fitness == "cheap" and paper.rescore_count() == 100
+    assert (cheap.image_size, cheap.augment, cheap.batch_size, cheap.steps, cheap.model) == \
+        (32, "none", 128, 8000, "resnet9v2")
+    assert (cheap.prescreen_separate, cheap.prescreen_steps, cheap.prescreen_min_acc) == \
+        (False, 600, 0.35)
+
+
+def test_initial_surrogate_overrides_are_checked_and_only_apply_when_cheap():
+    cfg = load_config(None, ["search.initial_surrogate.steps=7", "search.rescore=3"])
+    assert cfg.initial_surrogate() == cfg.surrogate and cfg.rescore_count() == 0
+    cheap = apply_overrides(cfg, ["search.initial_fitness=cheap"])
+    assert cheap.initial_surrogate().steps == 7 and cheap.rescore_count() == 3
+    assert apply_overrides(cheap, ["search.rescore=0"]).rescore_count() == cheap.search.population
+    assert config_from_dict(config_to_dict(cheap)) == cheap
+    for bad, needle in (("search.initial_surrogate.stepz=3", "'search.initial_surrogate.steps'"),
+                        ("search.initial_surrogate.steps=0", "search.initial_surrogate: "),
+                        ("search.initial_surrogate=5", "expected a table"),
+                        ("search.initial_fitness=cheaper", "search.initial_fitness"),
+                        ("search.rescore=-1", "search.rescore")):
+        with pytest.raises(ConfigError, match=None) as err:
+            apply_overrides(cheap, [bad])
+        assert needle in str(err.value), (bad, str(err.value))
 
 
 def test_overrides_apply_in_order_and_parse_toml_literals():

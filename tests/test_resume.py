@@ -66,25 +66,51 @@ FAKE_CFG = ["executor.kind=serial", "search.initial=5", "search.population=3",
             "search.tournament=2", "search.children=16", "surrogate.steps=10"]
 
 
-def run_interrupted(run_dir, stops, monkeypatch):
-    cfg = apply_overrides(Config(), FAKE_CFG)
+def run_interrupted(run_dir, stops, monkeypatch, extra=()):
+    cfg = apply_overrides(Config(), FAKE_CFG + list(extra))
     fake = InterruptingEvaluate(stops)
     monkeypatch.setattr(evo, "evaluate", fake)
     evo.start_run(run_dir, cfg).close()
+    cut_in = []  # the phase of the evaluation each interrupt hit
     for attempt in range(len(stops) + 1):
         with RunStore.open(run_dir) as store:
             result = evo.Evolution(store, cfg).run()
         if result["stop_reason"] == "finished":
-            return attempt
+            return attempt, cut_in
         assert result["stop_reason"] == "interrupted"
         with RunStore.open(run_dir, readonly=True) as store:
-            assert len(store.pending()) == 1  # the evaluation that was running
+            pending = store.pending()
+            # the evaluation that was running (+ re-scores not yet submitted, all stored
+            # when the seeding phase ended)
+            assert len(pending) == 1 or {r["phase"] for r in pending} == {"initial"}
+            cut_in.append(pending[0]["phase"])
     raise AssertionError("the run did not finish")
+
+
+# The paper's seeding: 8 cheaply scored initial candidates (calls 2-9 after the reference),
+# the best 4 re-scored by the surrogate (calls 10-13), then evolution.
+CHEAP = ["search.initial_fitness=cheap", "search.initial=8", "search.rescore=4",
+         "search.initial_surrogate.steps=3"]
+
+
+def test_interrupted_cheap_seeding_resumes_exactly(tmp_path, monkeypatch):
+    baseline = tmp_path / "base"
+    assert run_interrupted(baseline, (), monkeypatch, CHEAP)[0] == 0
+    expected = table(baseline)
+    phases = [r[1] for r in expected[0]]
+    assert phases.count("seeding") >= 8 and "initial" in phases
+    # interrupts in the seeding phase, around the switch to re-scoring, during re-scoring
+    # (twice in a row once) and in evolution; call numbers count re-submissions too
+    stops = (3, 10, 11, 13, 15, 16, 20, 24)
+    run_dir = tmp_path / "interrupted"
+    attempts, cut_in = run_interrupted(run_dir, stops, monkeypatch, CHEAP)
+    assert attempts == len(stops) and {"seeding", "initial", "child"} <= set(cut_in), cut_in
+    assert table(run_dir) == expected
 
 
 def test_interrupted_serial_runs_resume_exactly(tmp_path, monkeypatch):
     baseline = tmp_path / "base"
-    assert run_interrupted(baseline, (), monkeypatch) == 0
+    assert run_interrupted(baseline, (), monkeypatch)[0] == 0
     expected = table(baseline)
     assert expected[2]["phase"] == "done" and expected[2]["children_done"] == 16
     # Interrupts spread over the reference (call 1), the initial phase and evolution, twice
@@ -92,7 +118,8 @@ def test_interrupted_serial_runs_resume_exactly(tmp_path, monkeypatch):
     # counted include the re-submitted ones.
     stops = (1, 3, 6, 8, 9, 12, 15, 19, 24)
     run_dir = tmp_path / "interrupted"
-    assert run_interrupted(run_dir, stops, monkeypatch) == len(stops)
+    attempts, cut_in = run_interrupted(run_dir, stops, monkeypatch)
+    assert attempts == len(stops) and {"reference", "initial", "child"} <= set(cut_in)
     got = table(run_dir)
     assert got[0] == expected[0]  # every row, field by field, in id order
     assert got[1:] == expected[1:]  # population with its ages, counters

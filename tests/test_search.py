@@ -254,6 +254,53 @@ def test_reference_and_seed_with_are_evaluated(tmp_path, monkeypatch):
     check_accounting(store, cfg)
 
 
+class CheapAware(FakeEvaluate):
+    """The cheap initial surrogate (steps 7) gives an unrelated fitness, so a cheap score that
+    leaked into ranking or reuse would show."""
+
+    def __call__(self, expr, pset_name, eval_config, seed=0, sign=1, with_test=False):
+        res = super().__call__(expr, pset_name, eval_config, seed, sign, with_test)
+        if eval_config["steps"] == 7 and res["status"] == "ok":
+            res["fitness"] = round(0.1 + 0.8 * _unit(expr, "cheap"), 3)
+        return res
+
+
+def test_cheap_seeding_rescores_the_best_and_never_mixes_fitnesses(tmp_path, monkeypatch):
+    fake = CheapAware(fail_every=6)
+    cfg = make_cfg(*RANDOM, "search.initial=12", "search.population=3", "search.rescore=5",
+                   "search.children=25", "search.initial_fitness=cheap",
+                   "search.initial_surrogate.steps=7", 'search.reference=["ce"]')
+    store = run_fake(tmp_path / "run", cfg, fake, monkeypatch)
+    rows = store.candidates()
+    seeding = [r for r in rows if r["phase"] == "seeding" and r["status"] not in NOT_PROPOSALS]
+    assert len(seeding) == 12
+    ok = sorted((r for r in seeding if r["status"] == "evaluated"),
+                key=lambda r: (-r["fitness"], r["id"]))
+    rescored = store.candidates(phase="initial")
+    # the best 5 by the cheap fitness, in that order, each re-trained by the surrogate itself
+    assert [r["parent_id"] for r in rescored] == [r["id"] for r in ok[:5]]
+    assert [r["expr"] for r in rescored] == [r["expr"] for r in ok[:5]]
+    assert [r["birth"] for r in rescored] == list(range(5))
+    cheap_calls = [r["expr"] for r in seeding]
+    assert fake.calls[1:13] == cheap_calls  # after the reference: the 12 cheap evaluations
+    for r in rescored:
+        if r["status"] == "evaluated":
+            assert r["fitness"] == round(0.1 + 0.8 * _unit(r["expr"], "fitness"), 2)
+    # the population came from the re-scored rows; the hall of fame and reuse never see a
+    # cheap fitness
+    ids = {r["id"] for r in seeding}
+    assert not {r["id"] for r in store.top(100)} & ids
+    assert not [r for r in rows if r["phase"] != "seeding" and same_as(r["reason"]) in ids]
+    resumed = evo.Evolution(store, cfg)
+    resumed._load()  # what a child could be reused from, and what the population holds
+    assert not (set(resumed.past_rows) | set(resumed.members)) & ids
+    assert set(resumed.past_rows) & {r["id"] for r in rescored}
+    first_children = [r for r in rows if r["phase"] == "child"]
+    assert all(r["parent_id"] not in ids for r in first_children)
+    assert store.get_state("phase") == "done"
+    assert len([r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]) == 25
+
+
 # --------------------------------------------------------------------------- real, via the CLI
 
 TINY = ["--set", "search.initial=5", "--set", "search.population=3", "--set",
