@@ -239,10 +239,15 @@ class ExecutorConfig:
     kind: str = "serial"
     workers: int = 1  # evaluations in flight (ignored by serial)
     threads: int = 1  # torch threads per evaluation; 0 = torch's default
+    retries: int = 0  # re-runs of an evaluation whose worker died (process, ray) before failing it
+    address: str = ""  # ray: "" = start a local cluster, "auto" = the running one, or host:port
+    gpus_per_eval: float = 0.0  # ray: GPUs one evaluation reserves (0.5: two share a card)
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
         s = self.SECTION
+        _check(self.retries >= 0, f"{s}.retries", "must be >= 0")
+        _check(self.gpus_per_eval >= 0, f"{s}.gpus_per_eval", "must be >= 0 (0 = no GPU)")
         _check(self.kind in EXECUTOR_KINDS, f"{s}.kind",
                f"must be one of {', '.join(EXECUTOR_KINDS)}, got {self.kind!r}")
         _check(self.workers >= 1, f"{s}.workers", "must be >= 1")
