@@ -134,6 +134,8 @@ class SearchConfig:
     max_retries: int = 2500  # rejected proposals in a row before drawing a new parent
     max_minutes: float = 0.0  # bound on the search's wall time; 0 = unbounded
     phenotype_tolerance: float = 0.0  # the paper's sweep-curve filter; 0 = off
+    # results shared across runs (cache.py): "" = $GP_LOSS_CACHE or ~/.cache/gp-loss/..., "off"
+    fitness_cache: str = ""
     max_depth: int = 0  # tree limits; 0 = the primitive set's own default
     max_size: int = 0
     mutation: MutationConfig = field(default_factory=MutationConfig)

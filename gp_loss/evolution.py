@@ -30,6 +30,7 @@ Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and no
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -37,6 +38,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+from .cache import FitnessCache, default_path, settings_digest
 from .config import Config, config_to_dict
 from .executors import make_executor, wait_first
 from .fitness import evaluate
@@ -86,7 +88,8 @@ class Evolution:
         self.weights = asdict(s.mutation)
         self.members: dict[int, Cand] = {}   # population (ids -> Cand)
         self.queue: list = []                # stored pending evaluations not yet submitted
-        self.inflight: dict = {}             # future -> Cand
+        self.inflight: dict = {}             # future -> (candidate id, Cand or None)
+        self.cache_keys: dict = {}           # future -> (key, sign, settings) for the cache
         self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
         self.past = screen.NoveltyIndex()    # evaluated earlier, no longer members: reuse
         self.past_rows: dict[int, dict] = {}
@@ -210,8 +213,9 @@ class Evolution:
                 tree = parse(expr, self.pset)
                 integ = self.screen.integrity(tree, self.pset)
                 sign = integ.sign if integ.accepted else 1
+                key = self.symbolic.canonical_key(tree, self.pset, sign)
                 cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
-                                               phase="reference", birth=i, sign=sign,
+                                               phase="reference", birth=i, sign=sign, key=key,
                                                reason=f"reference {expr}")
                 todo.append((cid, to_text(tree, self.pset), sign, None))
             self.refs_done = True
@@ -355,13 +359,32 @@ class Evolution:
     # ------------------------------------------------------------------ evaluations
     def _submit(self, cid, text, sign, cand):
         seeding = cand is not None and cand.phase == "seeding"
-        fut = self.executor.submit(evaluate, text, self.pset.source,
-                                   self.seed_eval_config if seeding else self.eval_config,
-                                   self.cfg.surrogate.seed, sign)
+        conf = self.seed_eval_config if seeding else self.eval_config
+        key = cand.key if cand is not None else self.store.candidate(cid)["key"]
+        settings = self._settings(conf)
+        hit = self.cache.get(key, sign, settings) if settings else None
+        if hit is not None:  # trained before under the same settings: no training now
+            fut = concurrent.futures.Future()
+            fut.set_result(hit)
+        else:
+            fut = self.executor.submit(evaluate, text, self.pset.source, conf,
+                                       self.cfg.surrogate.seed, sign)
         self.inflight[fut] = (cid, cand)
+        self.cache_keys[fut] = (key, sign, settings)
+
+    def _settings(self, conf: dict) -> str | None:
+        """The cache digest of an evaluation config (None when the cache is off)."""
+        if not self.cache.enabled:
+            return None
+        name = "seed" if conf is self.seed_eval_config else "main"
+        if name not in self.digests:
+            self.digests[name] = settings_digest(conf, self.cfg.surrogate.seed,
+                                                 self.cfg.executor.threads, self.pset.source)
+        return self.digests[name]
 
     def _complete(self, fut):
         cid, cand = self.inflight.pop(fut)
+        key, sign, settings = self.cache_keys.pop(fut)
         t0 = time.perf_counter()
         try:
             res = fut.result()
@@ -370,10 +393,12 @@ class Evolution:
                    "fitness": 0.0, "seconds": 0.0}
         ok = res.get("status") == "ok"
         fitness = float(res["fitness"]) if ok else None
+        cached = bool(res.get("cached"))
         with self.store.transaction():
             row = self.store.candidate(cid)
-            row.update(status="evaluated" if ok else "failed",
-                       reason=None if ok else res.get("reason"), fitness=fitness,
+            row.update(status=("reused" if cached else "evaluated") if ok else "failed",
+                       reason=("cache" if cached else None) if ok else res.get("reason"),
+                       fitness=fitness,
                        seconds=res.get("seconds"), result=res)
             if cand is not None:
                 cand.fitness = fitness
@@ -391,6 +416,9 @@ class Evolution:
             self.store.update_candidate(cid, status=row["status"], reason=row["reason"],
                                         fitness=fitness, seconds=row["seconds"], result=res,
                                         engine_seconds=engine)
+        if settings and not res.get("cached"):  # after the commit: a kill never makes a
+            # resumed run find its own pending result in the cache
+            self.cache.put(key, sign, settings, res, f"{self.store.run_dir}#{cid}")
         if self.progress is not None:
             self.progress.advance()
         log.debug("#%d %s %s", cid, res.get("status"), fitness)
@@ -398,7 +426,8 @@ class Evolution:
     def _start_rescore(self):
         """End of the seeding phase: the best `rescore` cheaply scored candidates become
         pending initial rows (one transaction), re-scored by the surrogate."""
-        rows = [r for r in self.store.candidates(phase="seeding") if r["status"] == "evaluated"]
+        rows = [r for r in self.store.candidates(phase="seeding")
+                if r["status"] in ("evaluated", "reused")]
         if not rows:
             raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
         rows.sort(key=lambda r: (-r["fitness"], r["id"]))
@@ -416,7 +445,8 @@ class Evolution:
 
     def _select_initial(self):
         """End of the initial phase: the best `population` successes, all equally old."""
-        rows = [r for r in self.store.candidates(phase="initial") if r["status"] == "evaluated"]
+        rows = [r for r in self.store.candidates(phase="initial")
+                if r["status"] in ("evaluated", "reused")]
         if not rows:
             raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
         rows.sort(key=lambda r: (-r["fitness"], r["id"]))
@@ -463,6 +493,8 @@ class Evolution:
             # the workers (two contending threads make screening several times slower).
             torch.set_num_threads(1)
         self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads)
+        path = self.cfg.search.fitness_cache or default_path()
+        self.cache, self.digests = FitnessCache(path), {}
         try:
             while True:
                 self._fill()
@@ -489,6 +521,7 @@ class Evolution:
             self.stop_reason = str(exc)
         finally:
             self.executor.shutdown(wait=False, cancel=True)
+            self.cache.close()
         return {"stop_reason": self.stop_reason, "children": self.children_done,
                 "best_fitness": self.best[0] if self.best else None,
                 "best_expr": self.best[1] if self.best else None}
