@@ -134,6 +134,10 @@ class SearchConfig:
     max_retries: int = 2500  # rejected proposals in a row before drawing a new parent
     max_minutes: float = 0.0  # bound on the search's wall time; 0 = unbounded
     phenotype_tolerance: float = 0.0  # the paper's sweep-curve filter; 0 = off
+    # noise-aware fitness: a member that survives `reeval_after` further births (0 = half the
+    # population) is trained with `reeval_seeds - 1` more seeds; its fitness becomes the mean
+    reeval_seeds: int = 1
+    reeval_after: int = 0
     # results shared across runs (cache.py): "" = $GP_LOSS_CACHE or ~/.cache/gp-loss/..., "off"
     fitness_cache: str = ""
     max_depth: int = 0  # tree limits; 0 = the primitive set's own default
@@ -152,6 +156,8 @@ class SearchConfig:
                "must be >= 1 when search.seed_with is empty (the population needs a member)")
         _check(self.initial_fitness in INITIAL_FITNESS_KINDS, f"{s}.initial_fitness",
                f"must be one of {', '.join(INITIAL_FITNESS_KINDS)}")
+        _check(self.reeval_seeds >= 1, f"{s}.reeval_seeds", "must be >= 1 (1 = one seed)")
+        _check(self.reeval_after >= 0, f"{s}.reeval_after", "must be >= 0 (0 = population/2)")
         _check(self.rescore >= 0, f"{s}.rescore", "must be >= 0 (0 = search.population)")
         _check(self.seed >= 0, f"{s}.seed", "must be >= 0")
         _check(self.max_retries >= 1, f"{s}.max_retries", "must be >= 1")

@@ -16,6 +16,8 @@ The loop (DESIGN §6), written for clarity because training dominates the cost:
         else: evaluate it (up to `executor.workers` evaluations in flight)
         success -> insert it and remove the oldest member (ties: lowest fitness); failure ->
         recorded, not inserted
+        (search.reeval_seeds > 1) a member that survived `reeval_after` births is trained with
+        more seeds (phase "reeval", parent = the member); its fitness becomes the mean
 
 Every random choice comes from ``random.Random`` seeded by (search.seed, phase, birth number,
 round), never from global state, so a run is reproducible and a resumed serial run proposes
@@ -26,51 +28,31 @@ its result, the population change and the counters are committed together. After
 
 Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and novelty),
 ``symbolic`` (canonical keys, display formulas), ``executors`` + ``fitness`` (evaluations) and
-``store`` (the only place state lives between steps).
+``store`` (the only place state lives between steps). The start (reference, seeding, initial
+selection) and the re-evaluations with more seeds are in ``evolution_start.py``.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from .cache import FitnessCache, default_path, settings_digest
 from .config import Config, config_to_dict
+from .evolution_start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
 from .executors import make_executor, wait_first
 from .fitness import evaluate
 from .psets import load_pset
-from .trees import mutate, parse, random_tree, to_text
+from .trees import mutate, parse, to_text
 
 log = logging.getLogger("gp_loss.search")
 
-MAX_ROUNDS = 50  # parents drawn for one child before the search declares the space exhausted
 
 
-@dataclass
-class Cand:
-    """What the driver keeps in memory about a candidate that trained (or is training)."""
-
-    id: int
-    tree: object
-    key: str
-    fingerprint: object
-    phenotype: object
-    sign: int
-    fitness: float | None = None
-    age: int = 0
-    birth: int = 0
-    phase: str = "child"
-
-
-class SearchStopped(Exception):
-    pass
-
-
-class Evolution:
+class Evolution(StartPhases):
     def __init__(self, store, cfg: Config, progress=None):
         from . import screen, symbolic
 
@@ -88,6 +70,7 @@ class Evolution:
         self.weights = asdict(s.mutation)
         self.members: dict[int, Cand] = {}   # population (ids -> Cand)
         self.queue: list = []                # stored pending evaluations not yet submitted
+        self.promoted: set = set()           # members already given more seeds
         self.inflight: dict = {}             # future -> (candidate id, Cand or None)
         self.cache_keys: dict = {}           # future -> (key, sign, settings) for the cache
         self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
@@ -109,6 +92,13 @@ class Evolution:
         member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
         self.queue = []
         for row in self.store.candidates():
+            if row["phase"] == "reeval":
+                self.promoted.add(row["parent_id"])
+                if row["status"] == "pending":
+                    cand = Cand(row["id"], None, row["key"], None, None, row["sign"] or 1,
+                                birth=row["birth"], phase="reeval", parent=row["parent_id"])
+                    self.queue.append((row["id"], row["expr"], row["sign"] or 1, cand))
+                continue
             if row["phase"] not in ("seeding", "initial", "child", "reference"):
                 continue  # e.g. elimination re-runs: not part of the search's state
             if row["phase"] == "seeding" and self.phase != "seeding":
@@ -206,66 +196,6 @@ class Evolution:
                     engine_seconds=secs)
 
     # ------------------------------------------------------------------ proposals
-    def _propose_reference(self):
-        s, todo = self.cfg.search, []
-        with self.store.transaction():
-            for i, expr in enumerate(s.reference):
-                tree = parse(expr, self.pset)
-                integ = self.screen.integrity(tree, self.pset)
-                sign = integ.sign if integ.accepted else 1
-                key = self.symbolic.canonical_key(tree, self.pset, sign)
-                cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
-                                               phase="reference", birth=i, sign=sign, key=key,
-                                               reason=f"reference {expr}")
-                todo.append((cid, to_text(tree, self.pset), sign, None))
-            self.refs_done = True
-            self._state()
-        for job in todo:
-            self._submit(*job)
-
-    def _propose_initial(self):
-        """Propose initial candidate number next_init (seeds first, then random trees)."""
-        s, i, phase = self.cfg.search, self.next_init, self.first_phase
-        rows, t0 = [], time.perf_counter()
-        seeds = list(s.seed_with)
-        rng = self._rng("initial", i)
-        for attempt in itertools.count():
-            if attempt >= MAX_ROUNDS * s.max_retries or self._out_of_time():
-                self._give_up(rows, f"no new acceptable initial candidate after {attempt} random "
-                                    "trees: the primitive set looks too small for search.initial")
-            t1 = time.perf_counter()
-            if i < len(seeds):
-                tree, forced = parse(seeds[i], self.pset), True
-            else:
-                tree, forced = random_tree(self.pset, rng), False
-            status, info, extra = self._vet(tree)
-            if forced and status in ("rejected", "near_duplicate", "reuse"):
-                scr = extra if status == "rejected" else extra[0]
-                key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
-                status, info, extra = "new", None, (scr, key, None)
-            if status in ("new", "reuse"):
-                break
-            rows.append(self._reject_row(tree, status, info, phase, i, None, None,
-                                         time.perf_counter() - t1))
-            if forced:  # a seed that duplicates an earlier one: skip it
-                tree = None
-                break
-        with self.store.transaction():
-            for r in rows:
-                self.store.add_candidate(**r)
-            if tree is not None:
-                scr, key, phen = extra
-                cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
-                                               phase=phase, birth=i, key=key, sign=scr.sign,
-                                               engine_seconds=self._own_seconds(t0, rows))
-                cand = Cand(cid, tree, key, scr.fingerprint, phen, scr.sign, birth=i,
-                            phase=phase)
-                self.pool.add(cid, key, scr.fingerprint)
-            self.next_init = i + 1
-            self._state()
-        if tree is not None:
-            self._submit(cid, to_text(tree, self.pset), scr.sign, cand)
-
     def _tournament(self, rng) -> Cand:
         ids = sorted(self.members)
         picks = [self.members[rng.choice(ids)] for _ in range(self.cfg.search.tournament)]
@@ -355,31 +285,33 @@ class Evolution:
             del self.members[oldest.id]
             self.pool.remove(oldest.id)
             self._add_past(oldest, self.store.candidate(oldest.id))
+        self._promote(cand.age)
 
     # ------------------------------------------------------------------ evaluations
     def _submit(self, cid, text, sign, cand):
         seeding = cand is not None and cand.phase == "seeding"
         conf = self.seed_eval_config if seeding else self.eval_config
         key = cand.key if cand is not None else self.store.candidate(cid)["key"]
-        settings = self._settings(conf)
+        seed = self.cfg.surrogate.seed + (cand.birth if cand is not None
+                                          and cand.phase == "reeval" else 0)
+        settings = self._settings(conf, seed)
         hit = self.cache.get(key, sign, settings) if settings else None
         if hit is not None:  # trained before under the same settings: no training now
             fut = concurrent.futures.Future()
             fut.set_result(hit)
         else:
-            fut = self.executor.submit(evaluate, text, self.pset.source, conf,
-                                       self.cfg.surrogate.seed, sign)
+            fut = self.executor.submit(evaluate, text, self.pset.source, conf, seed, sign)
         self.inflight[fut] = (cid, cand)
         self.cache_keys[fut] = (key, sign, settings)
 
-    def _settings(self, conf: dict) -> str | None:
-        """The cache digest of an evaluation config (None when the cache is off)."""
+    def _settings(self, conf: dict, seed: int) -> str | None:
+        """The cache digest of an evaluation config and seed (None when the cache is off)."""
         if not self.cache.enabled:
             return None
-        name = "seed" if conf is self.seed_eval_config else "main"
+        name = ("seeding" if conf is self.seed_eval_config else "main", seed)
         if name not in self.digests:
-            self.digests[name] = settings_digest(conf, self.cfg.surrogate.seed,
-                                                 self.cfg.executor.threads, self.pset.source)
+            self.digests[name] = settings_digest(conf, seed, self.cfg.executor.threads,
+                                                 self.pset.source)
         return self.digests[name]
 
     def _complete(self, fut):
@@ -400,7 +332,7 @@ class Evolution:
                        reason=("cache" if cached else None) if ok else res.get("reason"),
                        fitness=fitness,
                        seconds=res.get("seconds"), result=res)
-            if cand is not None:
+            if cand is not None and cand.phase != "reeval":
                 cand.fitness = fitness
                 if cand.phase == "child":
                     self.pool.remove(cid)
@@ -416,51 +348,14 @@ class Evolution:
             self.store.update_candidate(cid, status=row["status"], reason=row["reason"],
                                         fitness=fitness, seconds=row["seconds"], result=res,
                                         engine_seconds=engine)
+            if cand is not None and cand.phase == "reeval":
+                self._reeval_done(cand.parent)
         if settings and not res.get("cached"):  # after the commit: a kill never makes a
             # resumed run find its own pending result in the cache
             self.cache.put(key, sign, settings, res, f"{self.store.run_dir}#{cid}")
-        if self.progress is not None:
-            self.progress.advance()
+        if self.progress is not None and (cand is None or cand.phase != "reeval"):
+            self.progress.advance()  # re-evaluations are extra: not in the bar's total
         log.debug("#%d %s %s", cid, res.get("status"), fitness)
-
-    def _start_rescore(self):
-        """End of the seeding phase: the best `rescore` cheaply scored candidates become
-        pending initial rows (one transaction), re-scored by the surrogate."""
-        rows = [r for r in self.store.candidates(phase="seeding")
-                if r["status"] in ("evaluated", "reused")]
-        if not rows:
-            raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
-        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
-        with self.store.transaction():
-            for rank, r in enumerate(rows[:self.cfg.rescore_count()]):
-                self.store.add_candidate(r["expr"], "pending", phase="initial", birth=rank,
-                                         key=r["key"], sign=r["sign"], parent_id=r["id"],
-                                         reason=f"re-score of #{r['id']}")
-            self.phase = "initial"
-            self._state()
-        self.pool = self.screen.NoveltyIndex()
-        self._load()
-        log.info("seeding done: the best %d of %d re-scored by the surrogate", len(self.queue),
-                 len(rows))
-
-    def _select_initial(self):
-        """End of the initial phase: the best `population` successes, all equally old."""
-        rows = [r for r in self.store.candidates(phase="initial")
-                if r["status"] in ("evaluated", "reused")]
-        if not rows:
-            raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
-        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
-        keep = rows[:self.cfg.search.population]
-        with self.store.transaction():
-            self.store.replace_population([(r["id"], 0) for r in keep])
-            self.phase = "evolve"
-            self._state()
-        self.pool, self.past, self.past_rows = (self.screen.NoveltyIndex(),
-                                                self.screen.NoveltyIndex(), {})
-        self.members = {}
-        self._load()
-        log.info("initial population: %d members, best fitness %.4f", len(self.members),
-                 keep[0]["fitness"])
 
     # ------------------------------------------------------------------ the loop
     def _fill(self):

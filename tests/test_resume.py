@@ -82,7 +82,7 @@ def run_interrupted(run_dir, stops, monkeypatch, extra=()):
             pending = store.pending()
             # the evaluation that was running (+ re-scores not yet submitted, all stored
             # when the seeding phase ended)
-            assert len(pending) == 1 or {r["phase"] for r in pending} == {"initial"}
+            assert len(pending) == 1 or {r["phase"] for r in pending} <= {"initial", "reeval"}
             cut_in.append(pending[0]["phase"])
     raise AssertionError("the run did not finish")
 
@@ -91,6 +91,19 @@ def run_interrupted(run_dir, stops, monkeypatch, extra=()):
 # the best 4 re-scored by the surrogate (calls 10-13), then evolution.
 CHEAP = ["search.initial_fitness=cheap", "search.initial=8", "search.rescore=4",
          "search.initial_surrogate.steps=3"]
+
+
+def test_interrupted_reeval_run_resumes_exactly(tmp_path, monkeypatch):
+    reeval = ["search.reeval_seeds=3", "search.reeval_after=2"]
+    baseline = tmp_path / "base"
+    assert run_interrupted(baseline, (), monkeypatch, reeval)[0] == 0
+    expected = table(baseline)
+    assert any(r[1] == "reeval" for r in expected[0])
+    stops = (7, 11, 14, 17, 20, 26)
+    run_dir = tmp_path / "interrupted"
+    attempts, cut_in = run_interrupted(run_dir, stops, monkeypatch, reeval)
+    assert attempts == len(stops) and "reeval" in cut_in, cut_in
+    assert table(run_dir) == expected
 
 
 def test_interrupted_cheap_seeding_resumes_exactly(tmp_path, monkeypatch):

@@ -301,6 +301,39 @@ def test_cheap_seeding_rescores_the_best_and_never_mixes_fitnesses(tmp_path, mon
     assert len([r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]) == 25
 
 
+class SeedAware(FakeEvaluate):
+    """Fitness depends on the seed, as training noise does."""
+
+    def __call__(self, expr, pset_name, eval_config, seed=0, sign=1, with_test=False):
+        res = super().__call__(expr, pset_name, eval_config, seed, sign, with_test)
+        if res["status"] == "ok" and seed:
+            res["fitness"] = round(0.1 + 0.8 * _unit(expr, f"seed{seed}"), 2)
+        return res
+
+
+def test_reeval_seeds_give_long_lived_members_a_mean_fitness(tmp_path, monkeypatch):
+    fake = SeedAware(fail_every=7)
+    cfg = make_cfg(*RANDOM, "search.reeval_seeds=3", "search.reeval_after=3")
+    store = run_fake(tmp_path / "run", cfg, fake, monkeypatch)
+    rows = store.candidates()
+    reeval = [r for r in rows if r["phase"] == "reeval"]
+    parents = sorted({r["parent_id"] for r in reeval})
+    assert parents, "no member lived long enough"
+    for pid in parents:
+        mine = sorted((r for r in reeval if r["parent_id"] == pid), key=lambda r: r["birth"])
+        assert [r["birth"] for r in mine] == [1, 2]  # seeds surrogate.seed + 1, + 2
+        parent = store.candidate(pid)
+        assert all(r["expr"] == parent["expr"] for r in mine)
+        seeds = parent["result"]["seed_fitness"]
+        assert seeds[0] == parent["result"]["fitness"]
+        assert seeds[1:] == [r["fitness"] if r["status"] == "evaluated" else 0.0 for r in mine]
+        assert parent["fitness"] == pytest.approx(sum(seeds) / 3)
+    # every member that survived 3 births after its own was promoted, once
+    assert len(parents) == len(set(parents))
+    assert all(r["phase"] != "reeval" for r in store.top(50))
+    check_accounting(store, cfg)
+
+
 # --------------------------------------------------------------------------- real, via the CLI
 
 TINY = ["--set", "search.initial=5", "--set", "search.population=3", "--set",

@@ -1,0 +1,192 @@
+"""The search's start and its noise-aware re-evaluations: the parts of the loop outside the
+steady state, as a mixin of ``evolution.Evolution`` (which holds the state they use).
+
+* ``reference``: the losses of ``search.reference`` (cross-entropy) trained once, for the table.
+* ``seeding`` -> ``initial``: with ``search.initial_fitness = "cheap"`` (the paper's seeding),
+  random screened candidates are scored by the cheaper initial surrogate, then the best
+  ``search.rescore`` are re-scored by the surrogate; otherwise the random candidates are scored
+  by the surrogate directly. The population is the best ``search.population`` of the phase
+  ``initial`` rows, all equally old.
+* ``reeval``: with ``search.reeval_seeds > 1``, a member that survived ``reeval_after`` births
+  is trained with more seeds and its fitness becomes the mean (a failed seed counts 0).
+
+Every proposal is stored (``pending``) in one transaction before it is submitted, so the
+loop's resume re-submits exactly what was in flight.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from .trees import parse, random_tree, to_text
+
+log = logging.getLogger("gp_loss.search")
+
+MAX_ROUNDS = 50  # parents drawn for one child before the search declares the space exhausted
+
+
+@dataclass
+class Cand:
+    """What the driver keeps in memory about a candidate that trained (or is training)."""
+
+    id: int
+    tree: object
+    key: str
+    fingerprint: object
+    phenotype: object
+    sign: int
+    fitness: float | None = None
+    age: int = 0
+    birth: int = 0
+    phase: str = "child"
+    parent: int = 0  # a re-evaluation's member
+
+
+class SearchStopped(Exception):
+    pass
+
+
+class StartPhases:
+    """Mixin of ``Evolution``: reference, seeding/initial proposals and selection, and
+    re-evaluation with more seeds."""
+
+    def _propose_reference(self):
+        s, todo = self.cfg.search, []
+        with self.store.transaction():
+            for i, expr in enumerate(s.reference):
+                tree = parse(expr, self.pset)
+                integ = self.screen.integrity(tree, self.pset)
+                sign = integ.sign if integ.accepted else 1
+                key = self.symbolic.canonical_key(tree, self.pset, sign)
+                cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
+                                               phase="reference", birth=i, sign=sign, key=key,
+                                               reason=f"reference {expr}")
+                todo.append((cid, to_text(tree, self.pset), sign, None))
+            self.refs_done = True
+            self._state()
+        for job in todo:
+            self._submit(*job)
+
+    def _propose_initial(self):
+        """Propose initial candidate number next_init (seeds first, then random trees)."""
+        s, i, phase = self.cfg.search, self.next_init, self.first_phase
+        rows, t0 = [], time.perf_counter()
+        seeds = list(s.seed_with)
+        rng = self._rng("initial", i)
+        for attempt in itertools.count():
+            if attempt >= MAX_ROUNDS * s.max_retries or self._out_of_time():
+                self._give_up(rows, f"no new acceptable initial candidate after {attempt} random "
+                                    "trees: the primitive set looks too small for search.initial")
+            t1 = time.perf_counter()
+            if i < len(seeds):
+                tree, forced = parse(seeds[i], self.pset), True
+            else:
+                tree, forced = random_tree(self.pset, rng), False
+            status, info, extra = self._vet(tree)
+            if forced and status in ("rejected", "near_duplicate", "reuse"):
+                scr = extra if status == "rejected" else extra[0]
+                key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
+                status, info, extra = "new", None, (scr, key, None)
+            if status in ("new", "reuse"):
+                break
+            rows.append(self._reject_row(tree, status, info, phase, i, None, None,
+                                         time.perf_counter() - t1))
+            if forced:  # a seed that duplicates an earlier one: skip it
+                tree = None
+                break
+        with self.store.transaction():
+            for r in rows:
+                self.store.add_candidate(**r)
+            if tree is not None:
+                scr, key, phen = extra
+                cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
+                                               phase=phase, birth=i, key=key, sign=scr.sign,
+                                               engine_seconds=self._own_seconds(t0, rows))
+                cand = Cand(cid, tree, key, scr.fingerprint, phen, scr.sign, birth=i,
+                            phase=phase)
+                self.pool.add(cid, key, scr.fingerprint)
+            self.next_init = i + 1
+            self._state()
+        if tree is not None:
+            self._submit(cid, to_text(tree, self.pset), scr.sign, cand)
+
+    def _start_rescore(self):
+        """End of the seeding phase: the best `rescore` cheaply scored candidates become
+        pending initial rows (one transaction), re-scored by the surrogate."""
+        rows = [r for r in self.store.candidates(phase="seeding")
+                if r["status"] in ("evaluated", "reused")]
+        if not rows:
+            raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
+        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
+        with self.store.transaction():
+            for rank, r in enumerate(rows[:self.cfg.rescore_count()]):
+                self.store.add_candidate(r["expr"], "pending", phase="initial", birth=rank,
+                                         key=r["key"], sign=r["sign"], parent_id=r["id"],
+                                         reason=f"re-score of #{r['id']}")
+            self.phase = "initial"
+            self._state()
+        self.pool = self.screen.NoveltyIndex()
+        self._load()
+        log.info("seeding done: the best %d of %d re-scored by the surrogate", len(self.queue),
+                 len(rows))
+
+    def _select_initial(self):
+        """End of the initial phase: the best `population` successes, all equally old."""
+        rows = [r for r in self.store.candidates(phase="initial")
+                if r["status"] in ("evaluated", "reused")]
+        if not rows:
+            raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
+        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
+        keep = rows[:self.cfg.search.population]
+        with self.store.transaction():
+            self.store.replace_population([(r["id"], 0) for r in keep])
+            self.phase = "evolve"
+            self._state()
+        self.pool, self.past, self.past_rows = (self.screen.NoveltyIndex(),
+                                                self.screen.NoveltyIndex(), {})
+        self.members = {}
+        self._load()
+        log.info("initial population: %d members, best fitness %.4f", len(self.members),
+                 keep[0]["fitness"])
+
+    def _promote(self, n: int):
+        """Members that survived long enough get `reeval_seeds - 1` more seeds (pending rows,
+        in the caller's transaction; submitted before the next child)."""
+        s = self.cfg.search
+        if s.reeval_seeds <= 1:
+            return
+        after = s.reeval_after or max(1, s.population // 2)
+        for m in sorted(self.members.values(), key=lambda c: c.id):
+            if m.id in self.promoted or n - m.age < after:
+                continue
+            self.promoted.add(m.id)
+            text = to_text(m.tree, self.pset)
+            for k in range(1, s.reeval_seeds):
+                rid = self.store.add_candidate(text, "pending", phase="reeval", birth=k,
+                                               key=m.key, sign=m.sign, parent_id=m.id)
+                self.queue.append((rid, text, m.sign, Cand(rid, None, m.key, None, None, m.sign,
+                                                           birth=k, phase="reeval",
+                                                           parent=m.id)))
+
+    def _reeval_done(self, parent: int):
+        """All seeds of a member are back: its fitness becomes their mean (a failed seed
+        counts 0), the single-seed result stays in the row's result."""
+        rows = self.store.candidates(phase="reeval")
+        mine = [r for r in rows if r["parent_id"] == parent]
+        if any(r["status"] == "pending" for r in mine):
+            return
+        row = self.store.candidate(parent)
+        first = row["result"] or {}
+        seeds = [float(first.get("fitness", row["fitness"]) or 0.0)] + [
+            r["fitness"] if r["status"] == "evaluated" else 0.0
+            for r in sorted(mine, key=lambda r: r["birth"])]
+        mean = sum(seeds) / len(seeds)
+        self.store.update_candidate(parent, fitness=mean,
+                                    result={**first, "seed_fitness": seeds})
+        if parent in self.members:
+            self.members[parent].fitness = mean
+        if parent in self.past_rows:
+            self.past_rows[parent] = {**self.past_rows[parent], "fitness": mean}
+        self._note_best(mean, row["expr"])
