@@ -148,15 +148,49 @@ def _row(row: sqlite3.Row | None) -> dict | None:
     return out
 
 
+LOCK_NAME = "run.lock"
+
+
+def _lock(run_dir: Path):
+    """One writer per run: an exclusive ``flock`` on RUN_DIR/run.lock, held while the store is
+    open for writing. The kernel drops it when the process dies, even by SIGKILL, so a killed
+    search never leaves a stale lock behind. Readers (``show``) take no lock."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: single-writer is then the user's care
+        return None
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot open the lock file in {run_dir}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreError(f"{run_dir} is in use by another gp-loss process (pid {holder}); wait "
+                         f"for it or stop it (`gp-loss show {run_dir}` reads it meanwhile)"
+                         ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _unlock(fd) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 class RunStore:
     """One run store; use ``RunStore.create`` or ``RunStore.open``, close it (or use ``with``)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool):
+    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool, lock=None):
         self._conn = conn
         self.path = path
         self.run_dir = path.parent
         self.readonly = readonly
         self._depth = 0
+        self._lock = lock  # the writer's lock file descriptor (None: read-only)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -218,6 +252,7 @@ class RunStore:
         if head != _SQLITE_MAGIC:
             raise StoreError(f"{path} is not a gp-loss run store (not an SQLite database, "
                              f"or corrupt)")
+        lock = None if readonly else _lock(path.parent)
         target = f"{path.resolve().as_uri()}?mode={'ro' if readonly else 'rw'}"
         conn = sqlite3.connect(target, uri=True, isolation_level=None)
         try:
@@ -233,11 +268,13 @@ class RunStore:
             conn.execute("SELECT count(*) FROM candidates").fetchone()
         except sqlite3.DatabaseError as exc:
             conn.close()
+            _unlock(lock)
             raise StoreError(f"{path} is corrupt or unreadable: {exc}") from None
         except StoreError:
             conn.close()
+            _unlock(lock)
             raise
-        return cls(conn, path, readonly)
+        return cls(conn, path, readonly, lock)
 
     @staticmethod
     def _check(conn: sqlite3.Connection, path: Path) -> None:
@@ -263,6 +300,8 @@ class RunStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        _unlock(self._lock)
+        self._lock = None
 
     def __enter__(self) -> "RunStore":
         return self

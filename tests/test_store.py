@@ -153,3 +153,34 @@ def test_newer_schema_is_refused(store, tmp_path):
         RunStore.open(tmp_path / "run")
     with pytest.raises(StoreError, match="newer"):
         RunStore.open(tmp_path / "run", readonly=True)
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    """A second writer (a second `gp-loss search`/`resume` on the same directory) is refused
+    with a clear message; readers are not; the lock goes with the writer."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    writer = RunStore.create(run_dir, {"search": {}})
+    with pytest.raises(StoreError, match="in use by another gp-loss process"):
+        RunStore.open(run_dir)
+    RunStore.open(run_dir, readonly=True).close()
+    code = ("import sys; from gp_loss.store import RunStore, StoreError\n"
+            "try:\n    RunStore.open(sys.argv[1])\nexcept StoreError as e:\n"
+            "    print(e); sys.exit(7)\n")
+    other = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True,
+                           text=True)
+    assert other.returncode == 7 and f"(pid {os.getpid()})" in other.stdout
+    writer.close()
+    RunStore.open(run_dir).close()  # released on close
+    # a writer killed with SIGKILL leaves no stale lock
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time; from gp_loss.store import "
+                             "RunStore; s = RunStore.open(sys.argv[1]); print('ok', flush=True);"
+                             " time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert hold.stdout.readline().strip() == "ok"
+    with pytest.raises(StoreError):
+        RunStore.open(run_dir)
+    hold.kill()
+    hold.wait()
+    RunStore.open(run_dir).close()
