@@ -5,12 +5,17 @@ search fitness) are retrained in rounds of rising fidelity. ``keep = [25, 12, 6,
 enter round 1, its best 12 enter round 2, its best 6 round 3, its best 4 round 4, whose ranking
 is final. Round r trains with ``steps[r]`` (default ``steps_factor[r]`` x surrogate.steps,
 factors 1, 2, 3, 4 as the paper's 16k/32k/48k/64k), ``model[r]`` (default: the run's) and
-``seeds[r]`` seeds (surrogate.seed, +1, ...). Score = mean best validation accuracy over the
-seeds, a failed seed counting 0; ties go to the better previous score, then the lower candidate
-id. Every training is a candidates row of phase ``elimR`` (``parent_id`` = the search
-candidate, ``birth`` = the seed, ``key`` = its canonical key), written ``pending`` before
-submission: a rerun re-submits pending rows, skips finished ones, and is a no-op once all
-rounds are done. ``resolve_rounds`` turns an ``[eliminate]`` table into the rounds.
+``seeds[r]`` seeds (surrogate.seed, +1, ...). With ``stages`` (the paper's progressive learning,
+a list of tables with steps and optionally image_size, randaugment_magnitude, dropout; see
+``train.py``) round r instead trains stages 1..r from scratch, for the sum of their steps under
+one learning-rate schedule. Score = mean best validation accuracy over the seeds, a failed
+seed counting 0; ties go to the better previous score, then the lower candidate id
+(``score_round``). Every training is a candidates row of phase ``elimR`` (``parent_id`` = the
+search candidate, ``birth`` = the seed, ``key`` = its canonical key), written ``pending``
+before submission: a rerun re-submits pending rows, skips finished ones, and is a no-op once
+all rounds are done. The plan (rounds, surrogate, entrants) is the store's meta
+``eliminate``; ``stored_rounds`` rebuilds the tables from it for ``show`` (``report.py``).
+``resolve_rounds`` turns an ``[eliminate]`` table into the rounds.
 
 Fed by the CLI (``cli_protocol.py``: ``gp-loss eliminate``, through ``protocol``), a writable
 run store (``store.py``; the driver is its only writer), ``protocol.search_candidates`` for the
@@ -28,7 +33,7 @@ from .protocol import InputError, run_jobs, search_candidates
 log = logging.getLogger("gp_loss")
 
 ELIM_DEFAULTS = {"keep": [25, 12, 6, 4], "steps": [], "steps_factor": [1, 2, 3, 4],
-                 "model": [], "seeds": [1]}
+                 "model": [], "seeds": [1], "stages": []}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +44,13 @@ class Round:
     steps: int
     model: str
     seeds: tuple[int, ...]
+    stages: tuple[dict, ...] = ()  # progressive-learning stages 1..index; () = one plain run
 
 
 def resolve_rounds(table: dict | None, surrogate: dict) -> list[Round]:
     """The rounds from an ``[eliminate]`` table (keys of ``ELIM_DEFAULTS``) over the run's
-    surrogate config. Per-round lists may be empty (default) or hold one value (every round)."""
+    surrogate config. Per-round lists may be empty (default) or hold one value (every round);
+    ``stages`` needs one stage per round at least and replaces steps/steps_factor."""
     table = dict(table or {})
     unknown = sorted(set(table) - set(ELIM_DEFAULTS))
     if unknown:
@@ -54,6 +61,7 @@ def resolve_rounds(table: dict | None, surrogate: dict) -> list[Round]:
         raise InputError(f"eliminate.keep must be a non-increasing list of positive integers, "
                          f"got {keep!r}")
     n = len(keep)
+    stages = _stages(table, n)
     if "steps_factor" not in table and n != len(ELIM_DEFAULTS["steps_factor"]):
         table["steps_factor"] = list(range(1, n + 1))
 
@@ -71,9 +79,31 @@ def resolve_rounds(table: dict | None, surrogate: dict) -> list[Round]:
     seeds = per_round("seeds", _pos_int, "positive integers (seed counts)")
     s0 = int(surrogate.get("seed", 0))
     return [Round(i + 1, keep[i], keep[i + 1] if i + 1 < n else keep[i],
+                  sum(st["steps"] for st in stages[:i + 1]) if stages else
                   int(steps[i] or max(1, round(factors[i] * surrogate["steps"]))),
-                  models[i] or surrogate["model"], tuple(range(s0, s0 + (seeds[i] or 1))))
+                  models[i] or surrogate["model"], tuple(range(s0, s0 + (seeds[i] or 1))),
+                  tuple(stages[:i + 1]))
             for i in range(n)]
+
+
+def _stages(table: dict, n: int) -> list[dict]:
+    """The checked ``eliminate.stages`` (empty when not given)."""
+    stages = table.get("stages") or []
+    if not stages:
+        return []
+    if any(table.get(k) not in (None, []) for k in ("steps", "steps_factor")):
+        raise InputError("eliminate.stages sets each round's steps (the sum of its stages): "
+                         "give eliminate.steps or eliminate.steps_factor only without it")
+    from .train import check_stages  # imports torch: only when stages are asked for
+
+    try:
+        stages = check_stages(stages, "eliminate.stages")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if len(stages) < n:
+        raise InputError(f"eliminate.stages has {len(stages)} stage(s) for {n} rounds "
+                         f"(eliminate.keep): round r trains stages 1..r")
+    return stages
 
 
 def _pos_int(x) -> bool:
@@ -92,7 +122,7 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
     evaluate_fn = evaluate_fn or evaluate
     ps = load_pset(store.config().get("search", {}).get("pset", "paper"))
     # What the results depend on; the device and the executor may change between attempts.
-    plan = json.loads(json.dumps({"rounds": [dataclasses.asdict(r) for r in rounds],
+    plan = json.loads(json.dumps({"rounds": [_plain(r) for r in rounds],
                                   "surrogate": {k: v for k, v in surrogate.items()
                                                 if k != "device"}}, sort_keys=True))
     saved = store.meta().get("eliminate")
@@ -127,7 +157,8 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
                                         key=src["key"], parent_id=cid, sign=src["sign"],
                                         formula=src["formula"])
             todo = store.candidates(status="pending", phase=phase)
-            sur = {**surrogate, "steps": rnd.steps, "model": rnd.model}
+            sur = {**surrogate, "steps": rnd.steps, "model": rnd.model,
+                   **({"stages": [dict(st) for st in rnd.stages]} if rnd.stages else {})}
             jobs = [(r["expr"], ps.source, sur, r["birth"], r["sign"] or 1, False) for r in todo]
 
             def record(i, res, todo=todo, rnd=rnd):
@@ -141,28 +172,80 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
                     on_done(rnd, todo[i], res)
             run_jobs(jobs, executor, evaluate_fn, record)
             trained += len(jobs)
-            rows = [r for r in store.candidates(phase=phase) if r["parent_id"] in sources]
-            runs = {cid: [] for cid in entrants}
-            for r in rows:
-                runs[r["parent_id"]].append({"seed": r["birth"], "val_acc": r["fitness"],
-                                             "status": r["status"], "reason": r["reason"],
-                                             "seconds": r["seconds"], "row_id": r["id"]})
-            score = {c: statistics.fmean([x["val_acc"] if x["status"] == "evaluated" else 0.0
-                                          for x in runs[c]]) for c in entrants}
-            ranked = sorted(entrants, key=lambda c: (-score[c], -prev[c], c))
-            go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(ranked)
-            out.append({"round": rnd.index, "phase": phase, "steps": rnd.steps,
-                        "model": rnd.model, "seeds": list(rnd.seeds), "entrants": len(ranked),
-                        "kept": min(go_on, len(ranked)),
-                        "members": [{"rank": k, "id": c, "expr": sources[c]["expr"],
-                                     "formula": sources[c]["formula"], "score": score[c],
-                                     "previous_score": prev[c], "kept": k <= go_on,
-                                     "runs": sorted(runs[c], key=lambda x: x["seed"])}
-                                    for k, c in enumerate(ranked, 1)]})
-            prev, entrants = score, ranked[:go_on]
+            go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(entrants)
+            table = score_round(store, rnd, entrants, sources, prev, go_on)
+            out.append(table)
+            prev = {m["id"]: m["score"] for m in table["members"]}
+            entrants = [m["id"] for m in table["members"] if m["kept"]]
     finally:
         if own:
             executor.shutdown()
     return {"run_dir": str(store.run_dir), "rounds": out, "trained_now": trained,
             "finalists": [{k: m[k] for k in ("rank", "id", "expr", "formula", "score")}
                           for m in out[-1]["members"]] if out else []}
+
+
+def _plain(rnd: Round) -> dict:
+    # Without stages the saved plan stays as it was before stages existed, so an elimination
+    # started by an older version still resumes.
+    d = dataclasses.asdict(rnd)
+    if not d["stages"]:
+        del d["stages"]
+    return d
+
+
+def score_round(store, rnd: Round, entrants: Sequence[int], sources: dict, prev: dict,
+                go_on: int) -> dict:
+    """One round's table from its stored rows (phase ``elim{index}``).
+
+    ``sources``: search candidate rows by id; ``prev``: the previous round's score by id (round
+    1: the search fitness); ``go_on``: how many enter the next round. Score = mean best
+    validation accuracy over the round's seeds, a failed seed counting 0; ranked by score, then
+    the better previous score, then the lower id. ``complete`` is False while runs are pending
+    or missing; the ranking is then provisional (pending runs count 0 too).
+    """
+    runs: dict = {cid: [] for cid in entrants}
+    for r in store.candidates(phase=f"elim{rnd.index}"):
+        if r["parent_id"] in runs and r["birth"] in rnd.seeds:
+            runs[r["parent_id"]].append({"seed": r["birth"], "val_acc": r["fitness"],
+                                         "status": r["status"], "reason": r["reason"],
+                                         "seconds": r["seconds"], "row_id": r["id"]})
+    score = {c: statistics.fmean([x["val_acc"] if x["status"] == "evaluated" else 0.0
+                                  for x in runs[c]] or [0.0]) for c in entrants}
+    ranked = sorted(entrants, key=lambda c: (-score[c], -prev.get(c, 0.0), c))
+    done = sum(x["status"] in ("evaluated", "failed") for c in entrants for x in runs[c])
+    total = len(entrants) * len(rnd.seeds)
+    return {"round": rnd.index, "phase": f"elim{rnd.index}", "steps": rnd.steps,
+            "model": rnd.model, "seeds": list(rnd.seeds),
+            "stages": [dict(st) for st in rnd.stages], "entrants": len(ranked),
+            "kept": min(go_on, len(ranked)), "runs_done": done, "runs_total": total,
+            "complete": done == total,
+            "members": [{"rank": k, "id": c, "expr": sources[c]["expr"],
+                         "formula": sources[c]["formula"], "score": score[c],
+                         "previous_score": prev.get(c, 0.0), "kept": k <= go_on,
+                         "runs": sorted(runs[c], key=lambda x: x["seed"])}
+                        for k, c in enumerate(ranked, 1)]}
+
+
+def stored_rounds(store) -> list[dict] | None:
+    """The tables of the elimination stored in a run (None if it has none), read-only: the
+    rounds done and the first unfinished one; later rounds, whose entrants are not known yet,
+    are left out."""
+    saved = store.meta().get("eliminate")
+    if not saved:
+        return None
+    rounds = [Round(**{**r, "seeds": tuple(r["seeds"]), "stages": tuple(r.get("stages", ()))})
+              for r in saved["rounds"]]
+    entrants = list(saved["entrants"])
+    sources = {cid: store.candidate(cid) for cid in entrants}
+    prev = {cid: sources[cid]["fitness"] or 0.0 for cid in entrants}
+    out = []
+    for pos, rnd in enumerate(rounds):
+        go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(entrants)
+        table = score_round(store, rnd, entrants, sources, prev, go_on)
+        out.append(table)
+        if not table["complete"]:
+            break
+        prev = {m["id"]: m["score"] for m in table["members"]}
+        entrants = [m["id"] for m in table["members"] if m["kept"]]
+    return out

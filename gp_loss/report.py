@@ -2,7 +2,9 @@
 
 Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula`` with a small
 time budget, computed here for the few rows shown rather than for every candidate in the loop
-(the engine's time belongs to the search). Also the tqdm progress bar the search loop drives.
+(the engine's time belongs to the search). The elimination rounds stored in a run (``gp-loss
+eliminate``) are scored by ``eliminate.stored_rounds``, the same code that ranks them there.
+Also the tqdm progress bar the search loop drives.
 """
 from __future__ import annotations
 
@@ -11,21 +13,28 @@ from .trees import parse
 
 
 def summary(store, top: int = 10, formulas: bool = True) -> dict:
-    """The ``show --json`` object: top, counts, seconds, reference, state, config."""
+    """The ``show --json`` object: top, counts, seconds, reference, state, config,
+    elimination (the stored elimination rounds, ``eliminate.score_round``'s tables; None when
+    the run has none)."""
     from . import symbolic
+    from .eliminate import stored_rounds
 
     cfg = store.config()
     pset = load_pset(cfg.get("search", {}).get("pset", "paper"))
     rows = store.top(top) if top else []
 
+    shown: dict = {}
+
     def formula(expr):
         if not formulas:
             return None
-        try:
-            return symbolic.formula(parse(expr, pset, max_height=10**4, max_size=10**4), pset,
-                                    budget_s=1.0)
-        except Exception:  # a display nicety must never break `show`
-            return expr
+        if expr not in shown:
+            try:
+                shown[expr] = symbolic.formula(parse(expr, pset, max_height=10**4,
+                                                     max_size=10**4), pset, budget_s=1.0)
+            except Exception:  # a display nicety must never break `show`
+                shown[expr] = expr
+        return shown[expr]
 
     top_rows = [{"id": r["id"], "expr": r["expr"], "formula": formula(r["expr"]),
                  "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
@@ -42,6 +51,9 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
              "fitness": r["fitness"], "status": r["status"]}
             for r in store.candidates(phase="reference")]
     state = store.state()
+    elimination = stored_rounds(store)
+    for m in (m for r in elimination or [] for m in r["members"]):
+        m["formula"] = m["formula"] or formula(m["expr"])
     return {
         "top": top_rows,
         "counts": {
@@ -59,6 +71,7 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
                    "model": cfg["surrogate"]["model"], "steps": cfg["surrogate"]["steps"],
                    "children": cfg["search"]["children"],
                    "population": cfg["search"]["population"]},
+        "elimination": elimination,
     }
 
 
@@ -100,7 +113,53 @@ def format_summary(s: dict) -> str:
     wall = sec.get("wall") or 0.0
     lines.append(f"seconds: wall {wall:.1f}, surrogate {sec['surrogate']:.1f} (summed over "
                  f"workers), engine {sec['engine']:.1f}")
+    if s.get("elimination"):
+        lines += [""] + format_elimination(s["elimination"])
     return "\n".join(lines)
+
+
+def _stage(st: dict) -> str:
+    parts = [f"{st['steps']} steps"]
+    if st.get("image_size"):
+        parts.append(f"{st['image_size']} px")
+    if st.get("randaugment_magnitude") is not None:
+        parts.append(f"magnitude {st['randaugment_magnitude']:g}")
+    if st.get("dropout") is not None:
+        parts.append(f"dropout {st['dropout']:g}")
+    return ", ".join(parts)
+
+
+def format_elimination(rounds: list[dict]) -> list[str]:
+    """Lines for the elimination rounds: per round its settings and the entrants ranked by
+    score, or, while the round runs, how many of each entrant's runs are done."""
+    lines = ["Elimination rounds"]
+    for r in rounds:
+        seeds = ",".join(str(x) for x in r["seeds"])
+        state = (f"{r['kept']} kept" if r["complete"] else
+                 f"pending: {r['runs_done']} of {r['runs_total']} runs done")
+        lines.append(f"round {r['round']} ({r['phase']}): {r['entrants']} candidates, "
+                     f"{r['steps']} steps, {r['model']}, seed(s) {seeds} -> {state}")
+        if r["stages"]:
+            lines.append("  stages: " + "; ".join(f"{i}) {_stage(st)}"
+                                                  for i, st in enumerate(r["stages"], 1)))
+        lines.append(f"  {'rank':>4}  {'score' if r['complete'] else 'runs':>6}  {'before':>6}  "
+                     f"{'id':>5}  formula   [expression]")
+        for m in r["members"]:
+            done = [x for x in m["runs"] if x["status"] in ("evaluated", "failed")]
+            failed = sum(x["status"] == "failed" for x in done)
+            if r["complete"]:
+                rank, score = str(m["rank"]), f"{m['score']:.4f}"
+            else:
+                rank, score = "-", f"{len(done)}/{len(r['seeds'])}"
+            note = ("  (out)" if r["complete"] and not m["kept"] else "") + \
+                (f"  [{failed} failed]" if failed else "")
+            formula = m["formula"] or m["expr"]
+            expr = "" if formula == m["expr"] else f"   [{m['expr']}]"
+            lines.append(f"  {rank:>4}  {score:>6}  {m['previous_score']:.4f}  {m['id']:>5}  "
+                         f"{formula}{expr}{note}")
+    lines.append("score = mean best validation accuracy over the round's seeds (a failed run "
+                 "counts 0); before = the previous round's score (round 1: the search fitness)")
+    return lines
 
 
 class Progress:

@@ -47,10 +47,19 @@ Hyperparameters (`SURROGATE_DEFAULTS`) and why:
 Training accuracy is counted over "windows" (the steps since the previous event); the
 pre-screen compares the best window so far with its threshold, the mid-run rule the latest
 window, like the Keras epoch accuracies of the authors' code.
+
+Progressive learning (PAPER-NOTES §5), the private key `stages` that `eliminate.py` sets: dicts
+of `steps` and optional `image_size`, `randaugment_magnitude`, `dropout` (missing: the run's
+value; dropout: the model's own). One warm-up/cosine schedule spans sum(steps); each boundary
+changes the train and val/test size, the magnitude (> 10 extrapolates, as the paper's 12 and 15)
+and every nn.Dropout's p; each stage ends with a validation at its size. Fitness is the best over
+all stages; test_acc is that checkpoint's, at its stage's size. A separate pre-screen uses stage
+1's dropout and size (prescreen_image_size wins). Without `stages` the run is one stage.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from typing import Callable
@@ -61,7 +70,8 @@ from .augment import AUGMENTS, augment_batch, resize
 from .data import load_splits, resolve_device
 from .models import build_model
 
-__all__ = ["SURROGATE_DEFAULTS", "train_candidate", "lr_schedule"]
+__all__ = ["SURROGATE_DEFAULTS", "STAGE_KEYS", "check_stages", "train_candidate",
+           "lr_schedule"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,9 +110,34 @@ _EVAL_CHUNK = 4096  # bounds activation memory when a split is evaluated in one 
 _SYNC_EACH_STEP = {"cpu"}
 
 
+# key -> (type, lowest value, exclusive upper bound or None, what it must be)
+_STAGE_CHECKS = {"steps": (int, 1, None, "an integer >= 1"),
+                 "image_size": (int, 0, None, "an integer >= 0"),
+                 "randaugment_magnitude": (float, 0.0, None, "a number >= 0"),
+                 "dropout": (float, 0.0, 1.0, "a number in [0, 1)")}
+STAGE_KEYS = tuple(_STAGE_CHECKS)
+
+
+def check_stages(stages, where: str = "surrogate.stages") -> list[dict]:
+    """Checked, typed copies of stage dicts (keys `STAGE_KEYS`, `steps` required)."""
+    if not isinstance(stages, (list, tuple)):
+        raise ValueError(f"{where} must be a list of tables, got {stages!r}")
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or "steps" not in st or set(st) - set(STAGE_KEYS):
+            raise ValueError(f"{where}[{i}] must be a table with steps and optionally "
+                             f"{', '.join(STAGE_KEYS[1:])}, got {st!r}")
+        for k, v in st.items():
+            typ, lo, hi, what = _STAGE_CHECKS[k]
+            if (isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int)
+                    or not math.isfinite(v) or v < lo or (hi is not None and v >= hi)):
+                raise ValueError(f"{where}[{i}].{k} must be {what}, got {v!r}")
+    return [{k: _STAGE_CHECKS[k][0](v) for k, v in st.items()} for st in stages]
+
+
 def _config(surrogate: dict) -> dict:
     """Defaults overlaid with the known keys of `surrogate` (unknown keys are ignored: the
-    evaluation config may carry settings for other stages), with types and ranges checked."""
+    evaluation config may carry settings for other stages), with types and ranges checked;
+    complete `stages` (one without the key), steps = their total, stage 1's size/magnitude."""
     cfg = dict(SURROGATE_DEFAULTS)
     cfg.update({k: v for k, v in (surrogate or {}).items() if k in SURROGATE_DEFAULTS})
     for key in ("steps", "batch_size", "eval_every", "split_seed", "prescreen_steps",
@@ -126,6 +161,13 @@ def _config(surrogate: dict) -> dict:
         raise ValueError("surrogate.eval_every, prescreen_steps and midrun_step must be >= 0")
     if not cfg["lr"] > 0 or not 0.0 <= cfg["warmup_fraction"] < 1.0:
         raise ValueError("surrogate.lr must be > 0 and surrogate.warmup_fraction in [0, 1)")
+    base = {"image_size": cfg["image_size"], "randaugment_magnitude": cfg["randaugment_magnitude"],
+            "dropout": None}  # None: the model's own rates
+    stages = check_stages((surrogate or {}).get("stages") or [])
+    cfg["stages"] = tuple({**base, **st} for st in stages) or ({**base, "steps": cfg["steps"]},)
+    if stages:
+        cfg.update(steps=sum(st["steps"] for st in stages),
+                   **{k: cfg["stages"][0][k] for k in ("image_size", "randaugment_magnitude")})
     return cfg
 
 
@@ -199,6 +241,8 @@ def _network(cfg: dict, splits, size: int, dev: torch.device) -> torch.nn.Module
         _COMPILED[key] = (model, torch.compile(model, dynamic=False))
     else:
         _COMPILED[key][0].load_state_dict(model.state_dict())
+        for a, b in zip(_dropouts(_COMPILED[key][0]), _dropouts(model)):  # stages change p
+            a.p = b.p
     return _COMPILED[key][1]
 
 
@@ -240,8 +284,10 @@ def train_candidate(loss_fn: LossFn, surrogate: dict, *, seed: int = 0, device: 
                          train_fraction=cfg["train_fraction"], device=dev,
                          download=cfg["download"])
     if cfg["prescreen_separate"] and cfg["prescreen_steps"] > 0:
-        pre = {**cfg, "steps": cfg["prescreen_steps"], "augment": "none", "midrun_step": 0,
-               "image_size": cfg["prescreen_image_size"] or cfg["image_size"], "_no_eval": True}
+        one = {"steps": cfg["prescreen_steps"],
+               "image_size": cfg["prescreen_image_size"] or cfg["image_size"]}
+        pre = {**cfg, **one, "augment": "none", "midrun_step": 0, "_no_eval": True,
+               "stages": ({**cfg["stages"][0], **one},)}
         result = _seeded_run(loss_fn, splits, pre, seed, dev, False, t0)
         if result["status"] != "ok":
             result["seconds"] = time.perf_counter() - t0
@@ -260,14 +306,31 @@ def _seeded_run(loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         model = _network(cfg, splits, size, dev)
-        return _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size)
+        return _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0)
 
 
-def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size) -> dict:
-    x_train, y_train = splits.x_train, splits.y_train
-    x_val = _resized(splits.x_val, size)
+def _dropouts(model: torch.nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+def _enter_stage(st: dict, dropouts: list, base_p: list, native: int) -> tuple[int, float]:
+    """Set the stage's dropout rates; return its image size and RandAugment magnitude."""
+    for m, p in zip(dropouts, base_p):
+        m.p = p if st["dropout"] is None else st["dropout"]
+    return st["image_size"] or native, st["randaugment_magnitude"]
+
+
+def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
+    x_train, y_train, native = splits.x_train, splits.y_train, splits.image_size
+    ends = list(itertools.accumulate(st["steps"] for st in cfg["stages"]))
+    dropouts = _dropouts(model)
+    base_p = [m.p for m in dropouts]
+    stage, stage_end = 0, ends[0]
+    size, magnitude = _enter_stage(cfg["stages"][0], dropouts, base_p, native)
+    x_val, best_size = _resized(splits.x_val, size), size
     # Resize/augment only when asked: the default (CPU, native size) path stays a bare slice.
-    transform = cfg["augment"] != "none" or size != splits.image_size
+    transform = cfg["augment"] != "none" or any((st["image_size"] or native) != native
+                                                for st in cfg["stages"])
     if transform:
         c = splits.in_channels
         mean = torch.tensor(splits.mean, device=dev).view(1, c, 1, 1)
@@ -292,7 +355,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size) -> dict:
     prescreen, midrun = cfg["prescreen_steps"], cfg["midrun_step"]
     timeout = cfg["timeout_s"]
     events = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps}
-                    | {s for s in (prescreen, midrun) if 0 < s <= steps})
+                    | {s for s in (prescreen, midrun) if 0 < s <= steps} | set(ends))
     events.append(steps + 1)  # sentinel: never reached
     ev_i = 0
     # On CPU a 0-d .item() is as cheap as any op and gives the exact failing step; on an
@@ -324,7 +387,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size) -> dict:
             else:
                 xb = resize((xb * std + mean).clamp_(0.0, 1.0), size)
                 xb = augment_batch(xb, cfg["augment"], aug_gen, ops=cfg["randaugment_ops"],
-                                   magnitude=cfg["randaugment_magnitude"])
+                                   magnitude=magnitude)
                 xb = (xb - mean) / std
         group["lr"] = lrs[step]
         step += 1
@@ -373,18 +436,23 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0, size) -> dict:
         if step == midrun and train_acc < cfg["midrun_min_acc"]:
             status, reason = "failed", "early_stop"
             break
-        if (step % eval_every == 0 or step == steps) and not cfg.get("_no_eval"):
+        if (step % eval_every == 0 or step == stage_end) and not cfg.get("_no_eval"):
             val = _accuracy(model, x_val, splits.y_val, fast)
             if val > best_val:
-                best_val = val
+                best_val, best_size = val, size
                 if with_test:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if step == stage_end and step < steps:  # progressive learning: the next stage
+            stage += 1
+            stage_end = ends[stage]
+            size, magnitude = _enter_stage(cfg["stages"][stage], dropouts, base_p, native)
+            x_val = _resized(splits.x_val, size)
 
     weights_hash = _weights_hash(model)  # the final weights, before a checkpoint is restored
     test_acc = None
     if with_test and best_state is not None:
         model.load_state_dict(best_state)
-        test_acc = _accuracy(model, _resized(splits.x_test, size), splits.y_test, fast)
+        test_acc = _accuracy(model, _resized(splits.x_test, best_size), splits.y_test, fast)
     fitness = max(best_val, 0.0)
     return {
         "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,

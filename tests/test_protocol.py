@@ -321,3 +321,196 @@ def test_eliminate_bad_input_exits_2(run, tmp_path, extra):
 def test_eliminate_missing_run_exits_2(run):
     r = run("eliminate", "no/such/run")
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------- progressive stages
+
+TWO_STAGES = [{"steps": 20, "image_size": 8, "dropout": 0.1},
+              {"steps": 20, "image_size": 12, "dropout": 0.3, "randaugment_magnitude": 12}]
+
+
+def test_two_stage_training_changes_size_dropout_and_differs(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from gp_loss import train
+    seen = []
+    real = train._accuracy
+
+    def spy(model, x, y, *rest):
+        seen.append((x.shape[-1], [m.p for m in train._dropouts(model)]))
+        return real(model, x, y, *rest)
+    monkeypatch.setattr(train, "_accuracy", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = {"model": "resnet9v2", "prescreen_steps": 0, "eval_every": 15,
+                "augment": "randaugment"}
+        staged = train.train_candidate(F.cross_entropy, {**base, "steps": 7, "stages": TWO_STAGES},
+                                       seed=0, with_test=True)
+        evals, seen[:] = list(seen), []
+        plain = train.train_candidate(F.cross_entropy, {**base, "steps": 40}, seed=0)
+        one = train.train_candidate(F.cross_entropy, {**base, "steps": 9,
+                                                      "stages": [{"steps": 40}]}, seed=0)
+    finally:
+        torch.set_num_threads(before)
+    assert staged["status"] == "ok" and staged["steps"] == 40  # the stages' total, not `steps`
+    assert 0 < staged["val_acc"] <= 1 and 0 < staged["test_acc"] <= 1
+    # validations at steps 15 and 20 (the end of stage 1) at 8 px, 30 and 40 at 12 px; dropout
+    # 0.1 then 0.3 (resnet9v2's own is 0.5); the test split at the best stage's size
+    assert evals[:4] == [(8, [0.1]), (8, [0.1]), (12, [0.3]), (12, [0.3])] and len(evals) == 5
+    assert evals[4][0] in (8, 12)
+    assert staged["weights_hash"] != plain["weights_hash"]
+    # one stage that keeps every run value is the plain run, bit for bit
+    assert (one["weights_hash"], one["val_acc"]) == (plain["weights_hash"], plain["val_acc"])
+
+
+@pytest.mark.parametrize("stages, match", [
+    ({"steps": 10}, "list of tables"),
+    ([{"image_size": 8}], r"stages\[0\] must be a table"),
+    ([{"steps": 10, "colour": 1}], r"stages\[0\] must be a table"),
+    ([{"steps": 10}, {"steps": 0}], r"stages\[1\]\.steps must be an integer >= 1"),
+    ([{"steps": 10, "dropout": 1.0}], r"dropout must be a number in \[0, 1\)"),
+    ([{"steps": True}], "steps must be"),
+    ([{"steps": 10, "image_size": -1}], "image_size must be"),
+    ([{"steps": 10, "randaugment_magnitude": float("nan")}], "randaugment_magnitude must be"),
+])
+def test_bad_stages_are_a_clear_value_error(stages, match):
+    import torch.nn.functional as F
+
+    from gp_loss.train import train_candidate
+    with pytest.raises(ValueError, match=match):
+        train_candidate(F.cross_entropy, {"stages": stages})
+
+
+def test_rounds_with_stages():
+    sur = {"steps": 100, "model": "tinycnn", "seed": 0}
+    st = [{"steps": 10, "image_size": 8}, {"steps": 20, "dropout": 0.2},
+          {"steps": 30, "randaugment_magnitude": 8}]
+    r = protocol.resolve_rounds({"keep": [3, 2], "stages": st, "seeds": [1, 2]}, sur)
+    assert [(x.steps, len(x.stages), x.seeds) for x in r] == [(10, 1, (0,)), (30, 2, (0, 1))]
+    assert r[1].stages == ({"steps": 10, "image_size": 8}, {"steps": 20, "dropout": 0.2})
+    assert protocol.resolve_rounds({"keep": [3], "stages": []}, sur)[0].stages == ()
+    for bad, key in [({"keep": [3, 2, 1], "stages": st[:2]}, "eliminate.stages"),
+                     ({"keep": [3, 2], "stages": st, "steps": [5, 6]}, "eliminate.steps"),
+                     ({"keep": [3, 2], "stages": st, "steps_factor": 2}, "steps_factor"),
+                     ({"keep": [2], "stages": [{"steps": 0}]}, r"eliminate.stages\[0\].steps"),
+                     ({"keep": [2], "stages": [{"size": 8, "steps": 1}]}, "eliminate.stages"),
+                     ({"keep": [2], "stages": {"steps": 1}}, "eliminate.stages")]:
+        with pytest.raises(protocol.InputError, match=key):
+            protocol.resolve_rounds(bad, sur)
+
+
+def test_paper_eliminate_toml_is_the_papers_protocol():
+    import tomllib
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "search_runs" / "paper_eliminate.toml"
+    data = tomllib.loads(path.read_text())
+    assert set(data) == {"eliminate", "surrogate"}
+    paper = load_config("paper")
+    sur = {**asdict(paper.surrogate), **data["surrogate"]}
+    rounds = protocol.resolve_rounds(data["eliminate"], sur)
+    assert [(r.size, r.keep, r.steps, r.model) for r in rounds] == [
+        (25, 12, 16000, "efficientnet_v2_s"), (12, 6, 32000, "efficientnet_v2_s"),
+        (6, 4, 48000, "efficientnet_v2_s"), (4, 4, 64000, "efficientnet_v2_s")]
+    assert [(s["image_size"], s["dropout"], s["randaugment_magnitude"])
+            for s in rounds[-1].stages] == [(128, 0.1, 5), (160, 0.2, 8), (192, 0.3, 12),
+                                            (224, 0.4, 15)]
+    # the [surrogate] part is valid run config (the CLI applies it as overrides)
+    cfg = load_config("paper", [f"surrogate.{k}={json.dumps(v)}"
+                                for k, v in data["surrogate"].items()])
+    assert cfg.surrogate.model == "efficientnet_v2_s" and cfg.surrogate.midrun_min_acc == 0.45
+
+
+STAGE_CALLS = []
+
+
+def _stage_eval(expr, pset, sur, seed=0, sign=1, with_test=False):
+    STAGE_CALLS.append((expr, sur["steps"], [s["steps"] for s in sur.get("stages", [])], seed))
+    return fake_eval(expr, pset, sur, seed, sign, with_test)
+
+
+def test_eliminate_with_stages_resumes(tmp_path):
+    store, ids, sur = _store(tmp_path / "run")
+    table = {"keep": [3, 2], "stages": [{"steps": 10, "image_size": 8},
+                                        {"steps": 15, "image_size": 12, "dropout": 0.2}]}
+    rounds = protocol.resolve_rounds(table, sur)
+    STAGE_CALLS.clear()
+    stop = _Interrupt(after=4)
+    with pytest.raises(KeyboardInterrupt):
+        protocol.eliminate(store, rounds, sur, evaluate_fn=lambda *a, **k: (
+            stop(*a, **k), _stage_eval(*a, **k))[1])
+    assert store.counts(phase="elim1")["evaluated"] == 3
+    saved = store.meta()["eliminate"]["rounds"]
+    assert [len(r["stages"]) for r in saved] == [1, 2]  # the stages are part of the plan
+    # other stages on the same run are refused
+    other = protocol.resolve_rounds({**table, "stages": [{"steps": 10}, {"steps": 15}]}, sur)
+    with pytest.raises(protocol.InputError, match="other settings"):
+        protocol.eliminate(store, other, sur, evaluate_fn=_stage_eval)
+    res = protocol.eliminate(store, rounds, sur, evaluate_fn=_stage_eval)
+    # the interrupted 5th run (round 2, 2nd entrant) is the only one trained again
+    assert res["trained_now"] == 1 and [r["steps"] for r in res["rounds"]] == [10, 25]
+    assert [c[1:3] for c in STAGE_CALLS] == [(10, [10])] * 3 + [(25, [10, 15])] * 2
+    assert res["rounds"][1]["stages"][1] == {"steps": 15, "image_size": 12, "dropout": 0.2}
+    store.close()
+
+
+def test_eliminate_real_training_with_stages_config_file(run, tmp_path):
+    store, ids, sur = _store(tmp_path / "run", steps=20)
+    store.close()
+    (tmp_path / "elim.toml").write_text(
+        "[eliminate]\nkeep = [2, 1]\n"
+        "[[eliminate.stages]]\nsteps = 10\nimage_size = 8\n"
+        "[[eliminate.stages]]\nsteps = 10\nimage_size = 12\ndropout = 0.2\n"
+        "[surrogate]\nmodel = \"resnet9v2\"\n")
+    args = ["eliminate", tmp_path / "run", "--config", tmp_path / "elim.toml", "--device", "cpu"]
+    r = run(*args, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [x["steps"] for x in res["rounds"]] == [10, 20]
+    assert all(0 < m["score"] <= 1 for x in res["rounds"] for m in x["members"])
+    with RunStore.open(tmp_path / "run", readonly=True) as s:
+        row = s.candidates(phase="elim2")[0]
+        assert row["status"] == "evaluated" and row["result"]["steps"] == 20
+    r = run(*args, "--set", "eliminate.stages=[{steps=10}, {steps=10}]")
+    assert r.exit_code == 2 and "other settings" in r.stderr
+
+
+# ----------------------------------------------------------------------------- show: elimination
+
+def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
+    import gp_loss.fitness
+    store, ids, sur = _store(tmp_path / "run")
+    store.close()
+    r = run("show", tmp_path / "run", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["elimination"] is None
+    assert "Elimination" not in run("show", tmp_path / "run").stdout
+    args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]", "--set",
+            "eliminate.seeds=[1,2]"]
+    monkeypatch.setattr(gp_loss.fitness, "evaluate", _Interrupt(after=5))
+    assert run(*args).exit_code == 130  # round 1 done, round 2: 1 of 4 runs
+    s = json.loads(run("show", tmp_path / "run", "--json").stdout)
+    r1, r2 = s["elimination"]
+    assert r1["complete"] and not r2["complete"]
+    assert (r2["runs_done"], r2["runs_total"]) == (1, 4)
+    text = run("show", tmp_path / "run").stdout
+    assert "round 2 (elim2)" in text and "pending: 1 of 4 runs done" in text
+    monkeypatch.setattr(gp_loss.fitness, "evaluate", fake_eval)
+    done = json.loads(run(*args, "--json").stdout)
+    s = json.loads(run("show", tmp_path / "run", "--json").stdout)
+    assert {"top", "counts", "seconds", "reference", "state", "config"} < set(s)
+    assert [x["round"] for x in s["elimination"]] == [1, 2]
+    for shown, ran in zip(s["elimination"], done["rounds"]):  # the same scoring as eliminate
+        assert [(m["id"], m["score"], m["kept"]) for m in shown["members"]] == \
+            [(m["id"], m["score"], m["kept"]) for m in ran["members"]]
+        assert (shown["steps"], shown["model"], shown["seeds"]) == \
+            (ran["steps"], ran["model"], ran["seeds"])
+    r1, r2 = s["elimination"]
+    assert [m["kept"] for m in r1["members"]] == [True, True, False, False]
+    assert r2["complete"] and r2["members"][0]["formula"]
+    scores = [m["score"] for m in r1["members"]]
+    assert scores == sorted(scores, reverse=True)
+    text = run("show", tmp_path / "run").stdout
+    assert "Elimination" in text and "round 1 (elim1): 4 candidates" in text
+    assert "-> 2 kept" in text and text.count("(out)") == 2
+    assert r2["members"][0]["expr"] in text
