@@ -63,6 +63,13 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
             "rejected": store.reason_counts("rejected"),
             "failed_reasons": _short_reasons(store.reason_counts("failed")),
             "children": state.get("children_done", 0),
+            # evaluations answered by the cross-run fitness cache (any phase), and the
+            # paper's seeding / re-evaluation rows (not in the counts above)
+            "from_cache": store.cache_hits(),
+            "seeding": {k: v for k, v in store.counts("seeding").items()
+                        if k in ("evaluated", "reused", "failed", "pending")},
+            "reeval": {k: v for k, v in store.counts("reeval").items()
+                       if k in ("evaluated", "reused", "failed", "pending")},
         },
         "seconds": store.seconds(),
         "reference": refs,
@@ -103,6 +110,18 @@ def format_summary(s: dict) -> str:
     lines.append(f"children {k['children']}; evaluated {k['evaluated']}, reused {k['reused']}, "
                  f"failed {k['failed']}, duplicates {k['duplicates']}, near-duplicates "
                  f"{k['near_duplicates']}, rejected {rejected}")
+    if k.get("from_cache"):
+        lines.append(f"  {k['from_cache']} evaluations came from the fitness cache (trained by "
+                     f"an earlier run with the same settings)")
+    seeding = k.get("seeding") or {}
+    if sum(seeding.values()):
+        lines.append(f"  seeding (cheap initial fitness): {seeding['evaluated']} scored, "
+                     f"{seeding['failed']} failed, {seeding['pending']} pending; only the "
+                     f"re-scored ones rank above")
+    reeval = k.get("reeval") or {}
+    if sum(reeval.values()):
+        lines.append(f"  re-evaluations with more seeds: {reeval['evaluated']} done, "
+                     f"{reeval['failed']} failed, {reeval['pending']} pending")
     if k["rejected"]:
         lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in
                                                           list(k["rejected"].items())[:8]))

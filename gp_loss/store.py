@@ -479,6 +479,11 @@ class RunStore:
         sql = "SELECT status, count(*) FROM candidates WHERE ?1 IS NULL OR phase = ?1 GROUP BY 1"
         return {**dict.fromkeys(STATUSES, 0), **dict(self._conn.execute(sql, (phase,)))}
 
+    def cache_hits(self) -> int:
+        """Rows whose result came from the cross-run fitness cache (``result.cached``)."""
+        return self._conn.execute("SELECT count(*) FROM candidates WHERE result_json LIKE "
+                                  "'%\"cached\": true%'").fetchone()[0]
+
     def reason_counts(self, status: str = "rejected") -> dict[str, int]:
         """Number of rows per reason for one status, most frequent first."""
         return dict(self._conn.execute(

@@ -299,6 +299,12 @@ def test_cheap_seeding_rescores_the_best_and_never_mixes_fitnesses(tmp_path, mon
     assert all(r["parent_id"] not in ids for r in first_children)
     assert store.get_state("phase") == "done"
     assert len([r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]) == 25
+    from gp_loss import report
+
+    counts = report.summary(store, 3, formulas=False)["counts"]
+    assert counts["seeding"]["evaluated"] + counts["seeding"]["failed"] == 12
+    assert "seeding (cheap initial fitness): " in report.format_summary(
+        report.summary(store, 3, formulas=False))
 
 
 class SeedAware(FakeEvaluate):
@@ -331,6 +337,10 @@ def test_reeval_seeds_give_long_lived_members_a_mean_fitness(tmp_path, monkeypat
     # every member that survived 3 births after its own was promoted, once
     assert len(parents) == len(set(parents))
     assert all(r["phase"] != "reeval" for r in store.top(50))
+    from gp_loss import report
+
+    counts = report.summary(store, 3, formulas=False)["counts"]["reeval"]
+    assert counts["evaluated"] + counts["failed"] == len(reeval) and counts["pending"] == 0
     check_accounting(store, cfg)
 
 
