@@ -146,6 +146,11 @@ def _elim_settings(run_cfg: dict, config: str | None, sets) -> tuple[dict, list[
     """(the [eliminate] table, overrides for the run's config) from --config and --set."""
     table, overrides = {}, []
     if config:
+        from .config import builtin_config_names, builtin_config_path
+
+        if not Path(config).is_file() and config.removesuffix(".toml") in \
+                builtin_config_names("eliminate"):
+            config = str(builtin_config_path(config))
         try:
             data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -177,27 +182,17 @@ def _elim_settings(run_cfg: dict, config: str | None, sets) -> tuple[dict, list[
 
 
 def format_rounds(res: dict) -> str:
-    lines = []
-    for r in res["rounds"]:
-        seeds = ",".join(str(s) for s in r["seeds"])
-        lines.append(f"round {r['round']} ({r['phase']}): {r['entrants']} candidates, "
-                     f"{r['steps']} steps, {r['model']}, seed(s) {seeds} -> {r['kept']} kept")
-        lines.append(f"  {'rank':>4}  {'score':>6}  {'before':>6}  {'id':>5}  expression")
-        for m in r["members"]:
-            failed = sum(x["status"] != "evaluated" for x in m["runs"])
-            lines.append(f"  {m['rank']:>4}  {m['score']:.4f}  {m['previous_score']:.4f}  "
-                         f"{m['id']:>5}  {m['expr']}" + ("" if m["kept"] else "  (out)")
-                         + (f"  [{failed} failed]" if failed else ""))
-    lines.append("score = mean best validation accuracy over the round's seeds (failed = 0); "
-                 "before = the previous round's score (round 1: the search fitness)")
-    return "\n".join(lines)
+    from .report import format_elimination
+
+    return "\n".join(format_elimination(res["rounds"]))
 
 
 @cli.command(short_help="The paper's elimination protocol: retrain the best in rounds.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--config", "config", default=None, metavar="FILE.toml",
-              help="A TOML file with an [eliminate] table (keep, steps, steps_factor, model, "
-                   "seeds) and optionally [surrogate]/[executor] changes for the retraining.")
+              help="A TOML file (or a built-in name: paper_eliminate) with an [eliminate] "
+                   "table (keep, steps, steps_factor, model, seeds, stages) and optionally "
+                   "[surrogate]/[executor] changes for the retraining.")
 @_set_option()
 @_device_option()
 @json_option("rounds (members with scores), finalists")
@@ -214,6 +209,9 @@ def eliminate(run_dir, config, sets, device, as_json):
     Examples:
       gp-loss eliminate runs/quick
       gp-loss eliminate runs/quick --set eliminate.keep=[8,4,2] --set surrogate.steps=200
+      gp-loss eliminate runs/paper --config paper_eliminate   # the paper's stages (GPU)
+
+    `gp-loss show RUN_DIR` also displays the stored rounds.
     """
     from . import protocol
     from .config import apply_overrides, config_from_dict

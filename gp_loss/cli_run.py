@@ -208,9 +208,10 @@ def resume(run_dir, sets, device, top):
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True)
-@json_option("top, counts, seconds, reference, state, config")
+@json_option("top, counts, seconds, reference, state, config, elimination")
 def show(run_dir, top, as_json):
-    """Show the best losses of a run (formula, fitness, sign) and what the search did.
+    """Show the best losses of a run (formula, fitness, sign), what the search did, and the
+    elimination rounds stored in the run, if any.
 
     Works while the search is running (read-only). Counts include rejections by reason.
     """

@@ -398,10 +398,13 @@ def builtin_config_path(name: str) -> Path:
     return Path(str(entry))
 
 
-def builtin_config_names() -> list[str]:
-    """Names of the configs shipped in ``search_runs`` (without ``.toml``)."""
-    return sorted(e.name[:-5] for e in resources.files("search_runs").iterdir()
-                  if e.name.endswith(".toml"))
+def builtin_config_names(kind: str = "search") -> list[str]:
+    """Names of the configs shipped in ``search_runs`` (without ``.toml``): search configs, or
+    with ``kind="eliminate"`` the elimination settings (``*_eliminate.toml``)."""
+    names = sorted(e.name[:-5] for e in resources.files("search_runs").iterdir()
+                   if e.name.endswith(".toml"))
+    elim = [n for n in names if n.endswith("_eliminate")]
+    return elim if kind == "eliminate" else [n for n in names if n not in elim]
 
 
 def load_config(path: str | Path | None = None,

@@ -514,3 +514,14 @@ def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
     assert "Elimination" in text and "round 1 (elim1): 4 candidates" in text
     assert "-> 2 kept" in text and text.count("(out)") == 2
     assert r2["members"][0]["expr"] in text
+
+
+def test_builtin_elimination_settings_resolve_by_name():
+    from gp_loss.cli_protocol import _elim_settings
+    from gp_loss.config import builtin_config_names
+
+    assert "paper_eliminate" in builtin_config_names("eliminate")
+    assert "paper_eliminate" not in builtin_config_names()  # not a search config
+    table, overrides = _elim_settings({}, "paper_eliminate", [])
+    assert table["keep"] == [25, 12, 6, 4] and len(table["stages"]) == 4
+    assert 'surrogate.model="efficientnet_v2_s"' in overrides
