@@ -29,7 +29,8 @@ def format_compare(res: dict) -> str:
     lines = []
     seeds = res["seeds"]
     for c in res["cells"]:
-        lines.append(f"{c['dataset']} / {c['model']} / {c['augment']}  ({c['steps']} steps, "
+        where = c.get("label") or f"{c['dataset']}/{c['model']}/{c['augment']}"
+        lines.append(f"{where}  ({c['steps']} steps, "
                      f"{len(seeds)} seed(s); test accuracy at the best-validation checkpoint)")
         width = max(8, *(len(n) for n in c["results"]))
         width = min(width, 40)
@@ -65,6 +66,10 @@ def format_compare(res: dict) -> str:
 @click.option("--model", "models", multiple=True, help="Model (repeatable; default: config).")
 @click.option("--augment", "augments", multiple=True,
               help="Augmentation: none, flipcrop, randaugment (repeatable; default: config).")
+@click.option("--cell", "cell_specs", multiple=True, metavar="KEY=VALUE[,KEY=VALUE...]",
+              help="An explicit cell (repeatable) instead of the --dataset/--model/--augment "
+                   "cross product: [surrogate] settings over the config, e.g. "
+                   "'dataset=mnist5k,train_fraction=0.1' or 'model=resnet9v2'.")
 @seed_options(default=3)
 @click.option("--lr", "lrs", multiple=True, type=click.FloatRange(min=0, min_open=True),
               help="Learning rates to try (repeatable): each loss keeps, per cell, the one with "
@@ -80,7 +85,8 @@ def format_compare(res: dict) -> str:
               help="Also write the paper-style Markdown table to FILE.")
 @json_option("losses, cells (per loss: runs, test_acc_mean/std, p_value, p_value_holm, "
              "wins, ties, losses), failed_runs")
-def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_seed, lrs,
+def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, seeds,
+            first_seed, lrs,
             config, sets, device, data_root, download, pset, workers, markdown, as_json):
     """Train losses against cross-entropy on datasets x models x augmentations x seeds.
 
@@ -92,6 +98,8 @@ def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_
     Examples:
       gp-loss compare --loss baikal --dataset digits --model tinycnn --seeds 3
       gp-loss compare --from-run runs/quick --top 3 --augment none --augment flipcrop --json
+      gp-loss compare --loss baikal --cell model=resnet9v2 --cell dataset=digits \\
+          --cell train_fraction=0.1 --seeds 10
     """
     from . import protocol
     from .config import load_config
@@ -124,7 +132,7 @@ def compare(loss_specs, from_run, top, datasets, models, augments, seeds, first_
     if len(losses) < 2:
         raise UserError("nothing to compare with ce: give --loss EXPR or --from-run DIR")
     dev = _resolve_device(cfg.surrogate.device)
-    cells = protocol.plan_cells(cfg, datasets, models, augments, dev)
+    cells = protocol.plan_cells(cfg, datasets, models, augments, dev, cell_specs=cell_specs)
     seed_list = list(range(first_seed, first_seed + seeds))
 
     def progress(i, n, key, res):

@@ -148,25 +148,51 @@ class Cell:
     model: str
     augment: str
     surrogate: dict  # the evaluation config (device resolved), lr set per job
+    extra: tuple = ()  # other surrogate settings of an explicit --cell, as (key, value) pairs
 
     @property
     def label(self) -> str:
-        return f"{self.dataset}/{self.model}/{self.augment}"
+        more = "".join(f" {k}={v}" for k, v in self.extra)
+        return f"{self.dataset}/{self.model}/{self.augment}{more}"
+
+
+_CELL_AXES = ("dataset", "model", "augment")
+
+
+def parse_cell(spec: str) -> list[tuple[str, str]]:
+    """``"dataset=mnist5k,model=tiny,train_fraction=0.1"`` -> [(key, value), ...] (surrogate
+    keys; checked when the config is built)."""
+    pairs = []
+    for part in (p.strip() for p in spec.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InputError(f"--cell {spec!r}: expected KEY=VALUE[,KEY=VALUE...] with "
+                             f"[surrogate] keys, e.g. dataset=mnist5k,train_fraction=0.1")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
 
 
 def plan_cells(cfg, datasets: Sequence[str], models: Sequence[str], augments: Sequence[str],
-               device: str, preflight: bool = True) -> list[Cell]:
-    """Every dataset x model x augmentation (empty = the config's); bad names -> InputError."""
+               device: str, preflight: bool = True, cell_specs: Sequence[str] = ()
+               ) -> list[Cell]:
+    """Every dataset x model x augmentation (empty = the config's), or the explicit cells of
+    ``cell_specs`` (surrogate settings over the config each); bad names -> InputError."""
     from .config import apply_overrides
 
+    if cell_specs and (datasets or models or augments):
+        raise InputError("give either --cell or --dataset/--model/--augment, not both")
+    plans = ([parse_cell(spec) for spec in cell_specs] if cell_specs else
+             [[("dataset", d), ("model", m), ("augment", a)]
+              for d in datasets or [cfg.surrogate.dataset]
+              for m in models or [cfg.surrogate.model]
+              for a in augments or [cfg.surrogate.augment]])
     cells = []
-    for d in datasets or [cfg.surrogate.dataset]:
-        for m in models or [cfg.surrogate.model]:
-            for a in augments or [cfg.surrogate.augment]:
-                c = apply_overrides(cfg, [f"surrogate.dataset={d}", f"surrogate.model={m}",
-                                          f"surrogate.augment={a}"])
-                sur = {**dataclasses.asdict(c.surrogate), "device": device}
-                cells.append(Cell(d, m, a, sur))
+    for pairs in plans:
+        c = apply_overrides(cfg, [f"surrogate.{k}={v}" for k, v in pairs])
+        sur = {**dataclasses.asdict(c.surrogate), "device": device}
+        extra = tuple((k, sur[k]) for k, _ in pairs if k not in _CELL_AXES)
+        cells.append(Cell(c.surrogate.dataset, c.surrogate.model, c.surrogate.augment, sur,
+                          extra))
     if preflight:
         for c in cells:
             _preflight(c.surrogate)
@@ -244,7 +270,10 @@ def compare(losses: Sequence[Loss], cells: Sequence[Cell], seeds: Sequence[int],
             e.update(p_value=welch_p([r["test_acc"] for r in e["runs"] if _ok(r)], base_tests),
                      wins=w, ties=t, losses=l)
         out_cells.append({"dataset": cell.dataset, "model": cell.model, "augment": cell.augment,
-                          "steps": cell.surrogate["steps"], "results": entries})
+                          "steps": cell.surrogate["steps"],
+                          "train_fraction": cell.surrogate["train_fraction"],
+                          "settings": dict(cell.extra), "label": cell.label,
+                          "results": entries})
     comparisons = [e for c in out_cells for n, e in c["results"].items() if n != BASELINE]
     for e, p in zip(comparisons, holm([e["p_value"] for e in comparisons])):
         e["p_value_holm"] = p
@@ -267,7 +296,9 @@ def markdown_table(result: dict, digits: int = 2) -> str:
     mean per column in bold, † where the Holm-corrected p vs ce is below 0.05."""
     cells = result["cells"]
     names = [l["name"] for l in result["losses"]]
-    head = [f"{c['dataset']} / {c['model']} / {c['augment']}" for c in cells]
+    head = [f"{c['dataset']} / {c['model']} / {c['augment']}"
+            + "".join(f" / {k}={v}" for k, v in (c.get("settings") or {}).items())
+            for c in cells]
     lines = ["| loss | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cells)]
     best = []
     for c in cells:

@@ -172,6 +172,21 @@ def test_compare_digits_two_losses_two_seeds(run, tmp_path):
     assert (tmp_path / "t.md").read_text() == table
 
 
+def test_compare_explicit_cells(run):
+    r = run("compare", "--loss", "baikal", "--cell", "dataset=digits,train_fraction=0.5",
+            "--cell", "model=mlp", "--seeds", 2, "--json", *TINY)
+    assert r.exit_code == 0, r.output
+    cells = json.loads(r.stdout)["cells"]
+    assert [(c["dataset"], c["model"], c["train_fraction"], c["settings"]) for c in cells] == \
+        [("digits", cells[0]["model"], 0.5, {"train_fraction": 0.5}),
+         (cells[1]["dataset"], "mlp", 1.0, {})]
+    assert cells[0]["label"].endswith(" train_fraction=0.5")
+    # both cells are in one Holm correction
+    ps = [c["results"]["baikal"]["p_value"] for c in cells]
+    if None not in ps:
+        assert [c["results"]["baikal"]["p_value_holm"] for c in cells] == protocol.holm(ps)
+
+
 @pytest.mark.parametrize("args", [
     ["--loss", "nosuchloss(p)"],
     ["--loss", "baikal", "--dataset", "nosuchdata"],
@@ -179,6 +194,10 @@ def test_compare_digits_two_losses_two_seeds(run, tmp_path):
     ["--loss", "baikal", "--augment", "sideways"],
     ["--loss", "ce"],  # nothing to compare with ce
     ["--from-run", "no/such/run"],
+    ["--loss", "baikal", "--cell", "dataset"],
+    ["--loss", "baikal", "--cell", "datasets=digits"],
+    ["--loss", "baikal", "--cell", "train_fraction=2"],
+    ["--loss", "baikal", "--cell", "model=mlp", "--dataset", "digits"],
 ])
 def test_compare_bad_input_exits_2(run, args):
     r = run("compare", *args, *TINY)
