@@ -59,7 +59,8 @@ def format_compare(res: dict) -> str:
 @click.option("--loss", "loss_specs", multiple=True, metavar="EXPR|ZOO_NAME",
               help="A loss to compare (repeatable); ce is always included as the baseline.")
 @click.option("--from-run", "from_run", type=click.Path(file_okay=False), default=None,
-              help="Also compare this run's best distinct candidates (rank1 .. rankK).")
+              help="Also compare this run's finalists (rank1 .. rankK): the final ranking of "
+                   "its elimination when one finished, else its best distinct candidates.")
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True,
               help="How many candidates --from-run adds.")
 @click.option("--dataset", "datasets", multiple=True, help="Dataset (repeatable; default: config).")

@@ -544,3 +544,16 @@ def test_builtin_elimination_settings_resolve_by_name():
     table, overrides = _elim_settings({}, "paper_eliminate", [])
     assert table["keep"] == [25, 12, 6, 4] and len(table["stages"]) == 4
     assert 'surrogate.model="efficientnet_v2_s"' in overrides
+
+
+def test_from_run_ranks_by_a_finished_elimination(tmp_path):
+    store, ids, sur = _store(tmp_path / "run")
+    by_search = [l.expr for l in protocol.run_losses(tmp_path / "run", 3)]
+    assert by_search == [EXPRS[1], EXPRS[4], EXPRS[2]]  # search fitness 0.9, 0.8, 0.7
+    rounds = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1]}, sur)
+    res = protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    store.close()
+    losses = protocol.run_losses(tmp_path / "run", 3)
+    assert [l.expr for l in losses] == [m["expr"] for m in res["finalists"]]
+    assert [l.name for l in losses] == ["rank1", "rank2"][:len(losses)]
+    assert all("(elimination)" in l.source for l in losses)
