@@ -1,7 +1,7 @@
-"""Run commands of the ``gp-loss`` CLI: search, resume, show, train.
+"""Run commands of the ``gp-loss`` CLI: search, resume, show, plot, train.
 
 Registered on the group of ``cli.py`` (which owns error handling and exit codes). Thin layers
-over ``evolution`` (search/resume), ``report`` (show) and ``fitness`` (train).
+over ``evolution`` (search/resume), ``report`` (show), ``plots`` (plot) and ``fitness`` (train).
 """
 from __future__ import annotations
 
@@ -208,16 +208,28 @@ def resume(run_dir, sets, device, top):
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True)
-@json_option("top, counts, seconds, reference, state, config, elimination")
-def show(run_dir, top, as_json):
-    """Show the best losses of a run (formula, fitness, sign), what the search did, and the
-    elimination rounds stored in the run, if any.
+@json_option("top (each with size, found, mutation, seeds, fitness_std), pareto, status, "
+             "counts, seconds, reference, state, config, elimination")
+@click.option("--latex", "as_latex", is_flag=True, default=False,
+              help="Print the top losses as a LaTeX tabular (rank, fitness, size, formula).")
+def show(run_dir, top, as_json, as_latex):
+    """Show a run: its status (running, interrupted, finished), the best losses (fitness ± sd
+    over seeds when re-evaluated, formula, size, sign, how each was found), the Pareto front
+    of fitness vs formula size, what the search did (rejections and duplicates by reason, time
+    split) and the elimination rounds stored in the run, if any.
 
-    Works while the search is running (read-only). Counts include rejections by reason.
+    Works while the search is running (it only reads the run).
+
+    \b
+    Examples:
+      gp-loss show runs/quick --top 5
+      gp-loss show runs/quick --latex > table.tex
     """
     from . import report
     from .store import RunStore
 
+    if as_json and as_latex:
+        raise click.UsageError("choose one of --json and --latex")
     store = RunStore.open(run_dir, readonly=True)
     try:
         s = report.summary(store, top)
@@ -225,8 +237,42 @@ def show(run_dir, top, as_json):
         store.close()
     if as_json:
         click.echo(json.dumps(s, indent=2))
+    elif as_latex:
+        click.echo(report.format_latex(s))
     else:
         click.echo(report.format_summary(s))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "out_dir", default=None, type=click.Path(file_okay=False),
+              metavar="DIR", help="Folder for the PNG files, made if missing [default: "
+                                  "RUN_DIR/plots].")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the best losses get a loss-shape curve and a tree drawing.")
+@click.option("--dpi", type=click.IntRange(min=30, max=600), default=90, show_default=True,
+              help="Resolution of the PNG files (dots per inch).")
+def plot(run_dir, out_dir, top, dpi):
+    """Draw a run as PNG files (matplotlib, no display needed).
+
+    \b
+    progress.png     fitness of every evaluation in order, best so far, population median
+    loss_shapes.png  loss and its gradient vs the true class's probability, top K and CE
+    pareto.png       fitness vs formula size with the Pareto front
+    lineage.png      the best candidate's ancestry back to the initial population
+    tree_rankN.png   each of the top K expression trees
+
+    Works while the search is running (read-only). Prints the paths written.
+
+    \b
+    Example:
+      gp-loss plot runs/quick --top 5 -o figures/quick
+    """
+    from . import plots
+
+    out_dir = out_dir if out_dir is not None else Path(run_dir) / "plots"
+    for path in plots.write_all(run_dir, out_dir, top=top, dpi=dpi):
+        click.echo(str(path))
 
 
 @cli.command()

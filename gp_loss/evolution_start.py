@@ -189,4 +189,10 @@ class StartPhases:
             self.members[parent].fitness = mean
         if parent in self.past_rows:
             self.past_rows[parent] = {**self.past_rows[parent], "fitness": mean}
-        self._note_best(mean, row["expr"])
+        if self.best is not None and self.best[1] == row["expr"] and mean < self.best[0]:
+            top = self.store.top(1)  # the single-seed best fell to its mean: find the new one
+            self.best = None
+            if top:
+                self._note_best(top[0]["fitness"], top[0]["expr"])
+        else:
+            self._note_best(mean, row["expr"])

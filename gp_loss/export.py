@@ -1,15 +1,18 @@
 """Export losses to files: a standalone PyTorch module, LaTeX, SymPy source or JSON.
 
 Everything is written from a list of *entries* -- dicts ``{name, tree, pset, sign, formula}``
-(plus optional ``expr``, ``fitness``) -- so the two front ends share one writer:
+(plus optional ``expr``, ``fitness``, ``candidate_id``, ``seeds``, ``run``) -- so the two front
+ends share one writer:
 
 * ``expr_entries`` -- expressions typed by a user (``gp-loss export --expr baikal``);
 * ``run_entries``  -- the best candidates of a run store (``gp-loss export RUN_DIR --top K``),
-  named ``rank1`` ... ``rankK`` in rank order.
+  named ``rank1`` ... ``rankK`` in rank order, with the run (folder, creation time) and each
+  candidate's id and fitness recorded (comments; ``run`` in JSON).
 
 The ``python`` format is exactly the text of ``codegen.module_source`` -- the printer that
-training compiles -- so what trains is what exports; it imports only ``torch`` and ``math``
-and carries the simplified formula (``symbolic.formula``) in each docstring. Fed by ``trees``
+training compiles -- so what trains is what exports (a run's export adds comment lines only);
+it imports only ``torch`` and ``math`` and carries the simplified formula
+(``symbolic.formula``) in each docstring. Fed by ``trees``
 (parsed trees), ``codegen``, ``symbolic``, ``screen`` (the sign) and ``store`` (runs).
 """
 from __future__ import annotations
@@ -96,16 +99,38 @@ def run_entries(run_dir, top: int = 5) -> list:
     if top < 1:
         raise InputError("--top must be at least 1")
     with RunStore.open(run_dir, readonly=True) as store:
-        pset_name = (store.config().get("search") or {}).get("pset", "paper")
+        cfg = store.config()
+        pset_name = (cfg.get("search") or {}).get("pset", "paper")
         rows = store.top(top)
+        sur = cfg.get("surrogate") or {}
+        run = {"dir": str(Path(run_dir).resolve()), "created": store.meta().get("created"),
+               "surrogate": f"{sur.get('dataset')} / {sur.get('model')}, "
+                            f"{sur.get('steps')} steps"}
     if not rows:
         raise InputError(f"{run_dir}: the run has no evaluated candidates yet")
     pset = load_pset(pset_name)
     return [make_entry(row["expr"], pset, name=f"rank{i}",
                        sign=row["sign"] if row.get("sign") in (1, -1) else 1,
                        formula=row.get("formula") or None,
-                       fitness=row.get("fitness"), candidate_id=row.get("id"))
+                       fitness=row.get("fitness"), candidate_id=row.get("id"), run=run,
+                       seeds=len((row.get("result") or {}).get("seed_fitness") or []) or 1)
             for i, row in enumerate(rows, 1)]
+
+
+def _run_lines(entries) -> list:
+    """Lines recording the run that entries come from (none for --expr entries), for the
+    comments or docstring of each format; one physical line each, whatever the path holds."""
+    run = next((e["run"] for e in entries if e.get("run")), None)
+    if run is None:
+        return []
+    lines = [f"Exported from the run in {run['dir']} (created {run['created']}).",
+             f"Fitness = best validation accuracy of the search's surrogate "
+             f"({run['surrogate']});", "the mean over seeds where re-evaluated."]
+    for e in entries:
+        seeds = f", mean of {e['seeds']} seeds" if e.get("seeds", 1) > 1 else ""
+        lines.append(f"  {e['name']}: candidate #{e['candidate_id']}, fitness "
+                     f"{e['fitness']:.4f}{seeds}")
+    return [" ".join(line.splitlines()) for line in lines]
 
 
 def _unique(names):
@@ -125,7 +150,12 @@ def render(entries, fmt: str = "python") -> str:
 
 
 def _python(entries) -> str:
-    return str(codegen.module_source(entries))
+    text = str(codegen.module_source(entries))
+    notes = _run_lines(entries)
+    if notes:  # comments only, after the header docstring: the code is the printer's
+        head, sep, rest = text.partition("\nimport math\n")
+        text = head + "\n" + "".join(f"# {line}\n" for line in notes) + sep + rest
+    return text
 
 
 def _json(entries) -> str:
@@ -139,15 +169,19 @@ def _json(entries) -> str:
             if e.get(extra) is not None:
                 item[extra] = e[extra]
         losses.append(item)
-    return json.dumps({"gp_loss_version": __version__, "losses": losses}, indent=2) + "\n"
+    out = {"gp_loss_version": __version__, "losses": losses}
+    run = next((e["run"] for e in entries if e.get("run")), None)
+    if run is not None:
+        out["run"] = run
+    return json.dumps(out, indent=2) + "\n"
 
 
 def _latex(entries) -> str:
     from . import symbolic
     lines = [f"% Losses exported by gp-loss {__version__}. y: one-hot target, p: softmax of the "
              "logits; log and 1/x are protected with eps = 1e-7.",
-             "% Batch loss: mean over the batch of the per-sample loss below.",
-             r"\begin{align}"]
+             "% Batch loss: mean over the batch of the per-sample loss below."]
+    lines += [f"% {line}" for line in _run_lines(entries)] + [r"\begin{align}"]
     for i, e in enumerate(entries):
         body = symbolic.latex(e["tree"], e["pset"])
         sign = "-" if e["sign"] == -1 else ""
@@ -193,6 +227,7 @@ def _sympy(entries) -> str:
            "left as opaque functions over the class axis). Batch loss: SIGN * batch mean.",
            "eps is symbolic here; gp-loss uses eps = 1e-7 (EPS_VALUE).",
            '"""',
+           *(f"# {line}" for line in _run_lines(entries)),
            "from sympy import *  # noqa: F401,F403 - the expressions below use SymPy's names",
            "",
            'y, p = symbols("y p", real=True)',

@@ -4,18 +4,90 @@ Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula``
 time budget, computed here for the few rows shown rather than for every candidate in the loop
 (the engine's time belongs to the search). The elimination rounds stored in a run (``gp-loss
 eliminate``) are scored by ``eliminate.stored_rounds``, the same code that ranks them there.
-Also the tqdm progress bar the search loop drives.
+The hall of fame carries each row's spread over seeds, formula size and origin; the Pareto
+front of fitness vs size is PySR's (``pareto_front``); ``format_latex`` is ``show --latex``.
+``plots.py`` reads runs through the helpers here. Also the tqdm progress bar the search drives.
 """
 from __future__ import annotations
 
+import re
+import statistics
+
 from .psets import load_pset
+from .store import SEARCH_PHASES, RunStore
 from .trees import parse
+
+_NODE = re.compile(r"[^(),\s]+")
+
+
+def tree_size(expr: str) -> int:
+    """Number of nodes of the tree of a stored expression. Stored text is ``trees.to_text``'s
+    canonical form (zoo names expanded, every node one name or number between "(", ")" and
+    ", "), so counting its tokens equals ``len(parse(expr))`` without the parser's cost (a
+    test checks the two agree)."""
+    return len(_NODE.findall(expr))
+
+
+def evaluated_rows(store) -> list[dict]:
+    """The search's rows with a fitness (phases initial/child, evaluated or reused), id order,
+    each with its ``size``."""
+    rows = [r for phase in SEARCH_PHASES for r in store.candidates(phase=phase)
+            if r["status"] in ("evaluated", "reused") and r["fitness"] is not None]
+    rows.sort(key=lambda r: r["id"])
+    for r in rows:
+        r["size"] = tree_size(r["expr"])
+    return rows
+
+
+def pareto_front(rows) -> list[dict]:
+    """PySR's front of fitness (higher is better) vs size (smaller is better): for each size
+    the best row (ties: lowest id), kept only if it beats every smaller size. Smallest first."""
+    best: dict = {}
+    for r in rows:
+        cur = best.get(r["size"])
+        if cur is None or (r["fitness"], -r["id"]) > (cur["fitness"], -cur["id"]):
+            best[r["size"]] = r
+    front, bar = [], None
+    for size in sorted(best):
+        if bar is None or best[size]["fitness"] > bar:
+            front.append(best[size])
+            bar = best[size]["fitness"]
+    return front
+
+
+def run_status(store) -> str:
+    """'running' (another process holds the run's writer lock), 'finished' (phase done) or
+    'interrupted'. A writable ``store`` is the writer itself (the search's closing table)."""
+    if store.readonly and RunStore.writer_active(store.run_dir):
+        return "running"
+    return "finished" if store.get_state("phase") == "done" else "interrupted"
+
+
+def seed_spread(row) -> tuple[list | None, float | None]:
+    """(per-seed fitnesses, their standard deviation) of a row re-evaluated with more seeds
+    (``search.reeval_seeds``), else (None, None)."""
+    seeds = (row.get("result") or {}).get("seed_fitness")
+    if not seeds or len(seeds) < 2:
+        return None, None
+    return list(seeds), statistics.stdev(seeds)
+
+
+def how_found(row, n_seeds: int = 0) -> str:
+    """'seed' (search.seed_with), 'initial' (random), 're-score of #N' (paper seeding) or
+    'KIND of #PARENT' (a child's mutation)."""
+    if row["phase"] == "initial":
+        if row["parent_id"] is not None:
+            return f"re-score of #{row['parent_id']}"
+        return "seed" if row["birth"] is not None and row["birth"] < n_seeds else "initial"
+    if row["parent_id"] is None:
+        return row["phase"]
+    return f"{row['mutation'] or 'copy'} of #{row['parent_id']}"
 
 
 def summary(store, top: int = 10, formulas: bool = True) -> dict:
-    """The ``show --json`` object: top, counts, seconds, reference, state, config,
-    elimination (the stored elimination rounds, ``eliminate.score_round``'s tables; None when
-    the run has none)."""
+    """The ``show --json`` object: top (each with size, mutation, found, seeds, fitness_std),
+    pareto, status, counts, seconds, reference, state, config, elimination (the stored
+    elimination rounds, ``eliminate.score_round``'s tables; None when the run has none)."""
     from . import symbolic
     from .eliminate import stored_rounds
 
@@ -36,10 +108,20 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
                 shown[expr] = expr
         return shown[expr]
 
-    top_rows = [{"id": r["id"], "expr": r["expr"], "formula": formula(r["expr"]),
-                 "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
-                 "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"]}
-                for r in rows]
+    n_seeds = len(cfg.get("search", {}).get("seed_with", []))
+
+    def shown_row(r):
+        seeds, std = seed_spread(r)
+        return {"id": r["id"], "expr": r["expr"], "formula": formula(r["expr"]),
+                "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
+                "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"],
+                "mutation": r["mutation"], "found": how_found(r, n_seeds),
+                "size": tree_size(r["expr"]), "seeds": seeds, "fitness_std": std}
+
+    top_rows = [shown_row(r) for r in rows]
+    pareto = [{"id": r["id"], "size": r["size"], "fitness": r["fitness"], "sign": r["sign"],
+               "expr": r["expr"], "formula": formula(r["expr"])}
+              for r in pareto_front(evaluated_rows(store))]
     initial, child = store.counts("initial"), store.counts("child")
     counts = {k: initial[k] + child[k] for k in initial}
     # A reference's name ("ce") is the config entry at its birth index: the row's reason only
@@ -56,6 +138,9 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
         m["formula"] = m["formula"] or formula(m["expr"])
     return {
         "top": top_rows,
+        "pareto": pareto,
+        "status": run_status(store),
+        "run_dir": str(store.run_dir),
         "counts": {
             "evaluated": counts["evaluated"], "reused": counts["reused"],
             "failed": counts["failed"], "pending": counts["pending"],
@@ -90,28 +175,86 @@ def _short_reasons(reasons: dict) -> dict:
     return out
 
 
+_STATUS_TEXT = {
+    "running": "running (a search or elimination is writing to it; figures are a snapshot)",
+    "interrupted": "interrupted (not finished, nothing running; continue with: "
+                   "gp-loss resume {run_dir})",
+    "finished": "finished"}
+
+
+def format_latex(s: dict) -> str:
+    """``show --latex``: the hall of fame as a LaTeX ``tabular`` (rank, fitness, size and the
+    per-sample loss in math mode, sign applied; for a class-sum set the sum over classes)."""
+    from . import symbolic
+
+    cfg_pset = load_pset(s["config"]["pset"])
+    lines = [r"\begin{tabular}{rrrl}", r"\hline",
+             r"rank & fitness & size & per-sample loss $\ell(y, p)$ \\", r"\hline"]
+    for i, r in enumerate(s["top"], 1):
+        try:
+            body = symbolic.latex(parse(r["expr"], cfg_pset, max_height=10**4, max_size=10**4),
+                                  cfg_pset, budget_s=1.0)
+        except Exception:  # a display nicety must never break `show`
+            body = r"\texttt{%s}" % _tex_escape(r["expr"])
+        if cfg_pset.class_sum:
+            body = rf"\sum_{{c}} \left[ {body} \right]"
+        elif r["sign"] == -1:
+            body = rf"\left( {body} \right)"
+        sign = "-" if r["sign"] == -1 else ""
+        fit = f"{r['fitness']:.4f}"
+        if r.get("fitness_std") is not None:
+            fit += rf" $\pm$ {r['fitness_std']:.4f}"
+        lines.append(rf"{i} & {fit} & {r.get('size', '')} & ${sign}{body}$ \\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def _tex_escape(text: str) -> str:
+    return "".join({"_": r"\_", "{": r"\{", "}": r"\}", "\\": r"\textbackslash{}",
+                    "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "^": r"\^{}",
+                    "~": r"\~{}"}.get(ch, ch) for ch in text)
+
+
 def format_summary(s: dict) -> str:
     """A plain-text hall of fame with cross-entropy's fitness under the same budget."""
     lines = []
     c = s["config"]
+    if s.get("status"):
+        run_dir = s.get("run_dir", "RUN_DIR")
+        lines.append(f"run {run_dir}: {_STATUS_TEXT[s['status']].format(run_dir=run_dir)}")
     lines.append(f"Best losses ({c['pset']} set; {c['dataset']} / {c['model']}, "
                  f"{c['steps']} steps; fitness = best validation accuracy)")
-    lines.append(f"{'rank':>4}  {'fitness':>7}  {'id':>5}  formula   [expression]")
+    lines.append(f"{'rank':>4}  {'fitness':>7}  {'± sd':>6}  {'size':>4}  {'sign':>4}  "
+                 f"{'id':>5}  {'found':<20}  formula   [expression]")
     for i, r in enumerate(s["top"], 1):
-        sign = "" if r["sign"] in (1, None) else "  (sign -1)"
-        lines.append(f"{i:>4}  {r['fitness']:>7.4f}  {r['id']:>5}  {r['formula']}   "
-                     f"[{r['expr']}]{sign}")
+        std = f"{r['fitness_std']:.4f}" if r.get("fitness_std") is not None else ""
+        sign = f"{r['sign']:+d}" if r["sign"] in (1, -1) else "?"
+        lines.append(f"{i:>4}  {r['fitness']:>7.4f}  {std:>6}  {r.get('size', ''):>4}  "
+                     f"{sign:>4}  {r['id']:>5}  {r.get('found', ''):<20}  {r['formula']}   "
+                     f"[{r['expr']}]")
     for ref in s["reference"]:
         fit = f"{ref['fitness']:.4f}" if ref["fitness"] is not None else ref["status"]
         label = ref["expr"] if ref["name"] == ref["expr"] else f"{ref['name']}  [{ref['expr']}]"
-        lines.append(f"{'ref':>4}  {fit:>7}  {'':>5}  {label} (same budget and seed)")
+        lines.append(f"{'ref':>4}  {fit:>7}  {'':>6}  {'':>4}  {'':>4}  {'':>5}  {'':<20}  "
+                     f"{label} (same budget and seed)")
+    if any(r.get("seeds") for r in s["top"]):
+        lines.append("± sd: standard deviation over the seeds of a re-evaluated candidate "
+                     "(fitness = their mean); size: nodes of the expression tree")
+    if s.get("pareto"):
+        lines += ["", "Pareto front: the best fitness at each formula size that beats every "
+                      "smaller one", f"  {'size':>4}  {'fitness':>7}  {'id':>5}  formula"]
+        lines += [f"  {r['size']:>4}  {r['fitness']:>7.4f}  {r['id']:>5}  {r['formula']}"
+                  for r in s["pareto"]]
+        lines.append("")
     k = s["counts"]
     rejected = sum(k["rejected"].values())
     lines.append(f"children {k['children']}; evaluated {k['evaluated']}, reused {k['reused']}, "
                  f"failed {k['failed']}, duplicates {k['duplicates']}, near-duplicates "
                  f"{k['near_duplicates']}, rejected {rejected}")
     if k.get("from_cache"):
-        lines.append(f"  {k['from_cache']} evaluations came from the fitness cache (trained by "
+        n = k["from_cache"]
+        lines.append(f"  {n} evaluation{'s' if n != 1 else ''} came from the fitness cache "
+                     f"(trained by "
                      f"an earlier run with the same settings)")
     seeding = k.get("seeding") or {}
     if sum(seeding.values()):

@@ -199,6 +199,28 @@ class RunStore:
         """True when ``run_dir`` already holds a store file (ours or not)."""
         return store_path(run_dir).exists()
 
+    @staticmethod
+    def writer_active(run_dir: str | os.PathLike) -> bool:
+        """True while a process holds the run's writer lock (a search, resume or eliminate is
+        running on it). Probes with a non-blocking shared ``flock`` released at once; creates
+        nothing. The probe holds the lock for microseconds, so a writer starting at that very
+        instant could be refused as busy; ``show`` calls it once per invocation."""
+        try:
+            import fcntl
+        except ImportError:  # no flock here: writers take no lock either (see _lock)
+            return False
+        try:
+            fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        except OSError:  # no lock file: never opened for writing by this gp-loss
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also releases the probe's lock when it was taken
+        return False
+
     @classmethod
     def create(cls, run_dir: str | os.PathLike, config: Mapping, meta: Mapping | None = None
                ) -> "RunStore":
