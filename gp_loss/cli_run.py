@@ -139,7 +139,16 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
                       + ([f"surrogate.device={device}"] if device else []))
     from .psets import load_pset
 
-    load_pset(cfg.search.pset)  # a bad set name is bad input before anything is created
+    ps = load_pset(cfg.search.pset)  # a bad set name is bad input before anything is created
+    from .trees import parse
+
+    for key, exprs in (("search.seed_with", cfg.search.seed_with),
+                       ("search.reference", cfg.search.reference)):
+        for expr in exprs:  # likewise a bad expression (ParseError names the problem)
+            try:
+                parse(expr, ps)
+            except ValueError as exc:
+                raise UserError(f"{key}: {exc}") from None
     run_dir = Path(run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if RunStore.exists(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with: gp-loss resume {run_dir}")

@@ -339,20 +339,35 @@ class RunStore:
         if self.readonly:
             raise StoreError(f"{self.path} is open read-only")
         outer, name = self._depth == 0, f"sp{self._depth}"
-        self._conn.execute("BEGIN IMMEDIATE" if outer else f"SAVEPOINT {name}")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE" if outer else f"SAVEPOINT {name}")
+        except sqlite3.Error as exc:
+            raise self._write_error(exc) from None
         self._depth += 1
         try:
             yield self
             self._conn.execute("COMMIT" if outer else f"RELEASE {name}")
-        except BaseException:
-            if not outer:
-                self._conn.execute(f"ROLLBACK TO {name}")
-                self._conn.execute(f"RELEASE {name}")
-            elif self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+        except BaseException as exc:
+            try:
+                if not outer:
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
+                elif self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back already (e.g. a full disk): nothing was written
+            if outer and isinstance(exc, sqlite3.Error):
+                raise self._write_error(exc) from None
             raise
         finally:
             self._depth -= 1
+
+    def _write_error(self, exc: sqlite3.Error) -> StoreError:
+        """A failed write (full disk, I/O error, locked): one line; the step is not stored, the
+        steps before it are, so ``resume`` continues once the cause is fixed."""
+        return StoreError(f"cannot write the run store {self.path}: {exc}; this step was not "
+                          f"stored, the ones before are -- fix the cause, then "
+                          f"`gp-loss resume {self.run_dir}`")
 
     def _write(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         with self.transaction():
