@@ -142,7 +142,8 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
                  f" lr {lr:g}" if lr is not None else "", seed, _fmt(res.get("test_acc")),
                  res.get("seconds") or 0.0,
                  "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
-    executor = (make_executor("process", workers, cfg.executor.threads) if workers > 1
+    executor = (make_executor("process", workers, cfg.executor.threads,
+                              retries=cfg.executor.retries) if workers > 1
                 else make_executor("serial", 1, cfg.executor.threads))
     with executor:
         res = protocol.compare(losses, cells, seed_list, lrs, executor, on_done=progress)
@@ -236,7 +237,10 @@ def eliminate(run_dir, config, sets, device, as_json):
             log.warning("the search in %s has not finished (phase %s); eliminating what it has",
                         run_dir, store.get_state("phase"))
         from dataclasses import asdict
-        surrogate = {**asdict(cfg.surrogate), "device": _resolve_device(cfg.surrogate.device)}
+        # Ray workers resolve "auto" on their own nodes (the driver may have no GPU)
+        surrogate = {**asdict(cfg.surrogate), "device": (
+            cfg.surrogate.device if cfg.executor.kind == "ray"
+            else _resolve_device(cfg.surrogate.device))}
         rounds = protocol.resolve_rounds(table, surrogate)
 
         def progress(rnd, row, res):
@@ -246,7 +250,8 @@ def eliminate(run_dir, config, sets, device, as_json):
                      "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
         e = cfg.executor
         try:
-            with make_executor(e.kind, e.workers, e.threads) as executor:
+            with make_executor(e.kind, e.workers, e.threads, retries=e.retries,
+                               address=e.address, gpus_per_eval=e.gpus_per_eval) as executor:
                 res = protocol.eliminate(store, rounds, surrogate, executor, on_done=progress)
         except KeyboardInterrupt:
             click.echo(f"interrupted; continue with: gp-loss eliminate {run_dir} (same "

@@ -387,7 +387,9 @@ class Evolution(StartPhases):
             # The driver only screens tiny float64 batches: one thread, leave the cores to
             # the workers (two contending threads make screening several times slower).
             torch.set_num_threads(1)
-        self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads)
+        self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads,
+                                      retries=ex_cfg.retries, address=ex_cfg.address,
+                                      gpus_per_eval=ex_cfg.gpus_per_eval)
         path = self.cfg.search.fitness_cache or default_path()
         self.cache, self.digests = FitnessCache(path), {}
         try:

@@ -1,17 +1,19 @@
 """Where evaluations run: one interface over ``concurrent.futures.Future``.
 
-Fed by ``config.ExecutorConfig`` (kind, workers, threads); used by the evolution loop, which
-submits ``fitness.evaluate`` with plain data and handles results in completion order
-(``wait_first``). Kinds:
+Fed by ``config.ExecutorConfig`` (kind, workers, threads, retries, address, gpus_per_eval);
+used by the evolution loop and the protocol commands, which submit ``fitness.evaluate`` with
+plain data and handle results in completion order (``wait_first``). Kinds:
 
 - ``serial``: runs the call inside ``submit`` and returns a finished Future (deterministic).
 - ``process``: ``workers`` spawned processes, ``threads`` torch threads each. ``fn`` must be a
   module-level function and its arguments plain picklable data. Unlike
   ``ProcessPoolExecutor``, which breaks for good (failing every future in flight) when one
   worker dies, each worker here has its own pipe: a worker that dies (segfault, ``os._exit``,
-  OOM kill) fails only the future it was running, with ``WorkerLost``, and is replaced; the
-  other evaluations are unaffected and later submissions work.
-- ``ray``: a Ray task per call, when Ray is installed (``pip install ray``).
+  OOM kill) is replaced, and only the evaluation it was running is affected: it goes back to
+  the head of the queue up to ``retries`` times, then its future fails with ``WorkerLost``;
+  the other evaluations are unaffected and later submissions work.
+- ``ray``: long-lived Ray actors, one per worker slot (``executor_ray.py``; needs the optional
+  extra, ``pip install 'gp-loss[ray]'``), with the same failure rules.
 
 An exception raised by ``fn`` is carried by the future (with the worker's traceback as its
 ``__cause__``). Workers ignore SIGINT, so Ctrl-C reaches only the driver, which decides what to
@@ -165,7 +167,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.ready = False
-        self.task: tuple[int, cf.Future] | None = None
+        self.task: list | None = None  # the queue entry it runs: [id, future, payload, attempt]
 
 
 class ProcessExecutor(Executor):
@@ -173,9 +175,10 @@ class ProcessExecutor(Executor):
 
     kind = "process"
 
-    def __init__(self, workers: int = 1, threads: int = 1):
+    def __init__(self, workers: int = 1, threads: int = 1, *, retries: int = 0):
         self.capacity = workers
         self._threads = threads
+        self._retries = retries
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()
@@ -199,7 +202,7 @@ class ProcessExecutor(Executor):
                 raise RuntimeError("executor is shut down")
             if self._broken:
                 raise WorkerLost(self._broken)
-            self._queue.append((next(self._ids), future, payload))
+            self._queue.append([next(self._ids), future, payload, 0])
         self._wake()
         return future
 
@@ -209,7 +212,7 @@ class ProcessExecutor(Executor):
             if cancel:
                 self._abort = True
                 while self._queue:
-                    self._queue.popleft()[1].cancel()
+                    _drop(self._queue.popleft(), "executor shut down")
         self._wake()
         if wait or cancel:
             self._thread.join()
@@ -262,10 +265,11 @@ class ProcessExecutor(Executor):
     def _dispatch(self) -> None:
         for worker in self._workers:
             while worker.ready and worker.task is None and self._queue:
-                task_id, future, payload = self._queue.popleft()
-                if not future.set_running_or_notify_cancel():
+                entry = self._queue.popleft()
+                task_id, future, payload, attempt = entry
+                if attempt == 0 and not future.set_running_or_notify_cancel():
                     continue  # cancelled while queued
-                worker.task = (task_id, future)
+                worker.task = entry
                 try:
                     worker.conn.send((task_id, payload))
                 except OSError:
@@ -286,7 +290,7 @@ class ProcessExecutor(Executor):
         elif tag == "init_error":
             self._give_up(f"worker initialisation failed: {message[1].strip().splitlines()[-1]}")
         else:
-            _, future = worker.task
+            future = worker.task[1]
             worker.task = None
             if tag == "ok":
                 future.set_result(message[2])
@@ -308,9 +312,14 @@ class ProcessExecutor(Executor):
             how = (f"killed by signal {-code}" if code is not None and code < 0
                    else f"exit code {code}")
             reason = f"worker process {worker.process.pid} died ({how})"
-        if worker.task is not None:
-            worker.task[1].set_exception(WorkerLost(f"{reason} while evaluating"))
-            worker.task = None
+        entry, worker.task = worker.task, None
+        if entry is not None and entry[3] < self._retries:
+            entry[3] += 1  # a retry: to the head of the queue, for the replacement or another
+            with self._lock:
+                self._queue.appendleft(entry)
+        elif entry is not None:
+            tries = f" (after {entry[3]} retries)" if entry[3] else ""
+            entry[1].set_exception(WorkerLost(f"{reason} while evaluating{tries}"))
         index = self._workers.index(worker)
         if not worker.ready:
             self._start_failures += 1
@@ -330,8 +339,8 @@ class ProcessExecutor(Executor):
             self._broken = reason
             queued = list(self._queue)
             self._queue.clear()
-        for _, future, _ in queued:
-            if future.set_running_or_notify_cancel():
+        for _, future, _, attempt in queued:
+            if attempt or future.set_running_or_notify_cancel():
                 future.set_exception(WorkerLost(reason))
         self._abort = True
 
@@ -356,48 +365,29 @@ class ProcessExecutor(Executor):
             w.conn.close()
         self._workers = []
         with self._lock:
-            for _, future, _ in self._queue:
-                future.cancel()
-            self._queue.clear()
+            while self._queue:
+                _drop(self._queue.popleft(), why)
 
 
-class RayExecutor(Executor):
-    """One Ray task per call (``num_cpus`` = threads); Ray handles worker failures."""
-
-    kind = "ray"
-
-    def __init__(self, workers: int = 1, threads: int = 1):
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("executor.kind = 'ray' needs Ray, which is not installed: "
-                              "pip install ray (or pip install 'gp-loss[ray]')") from None
-        self._ray = ray
-        self.capacity = workers
-        if not ray.is_initialized():
-            ray.init(num_cpus=workers * max(threads, 1), include_dashboard=False,
-                     log_to_driver=False)
-        self._remote = ray.remote(num_cpus=max(threads, 1), max_retries=0)(_ray_call)
-        self._threads = threads
-
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> cf.Future:
-        return self._remote.remote(self._threads, fn, args, kwargs).future()
-
-    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
-        self._ray.shutdown()
+def _drop(entry: list, reason: str) -> None:
+    """A queued entry that will not run: cancel it, or fail it if it ran on a worker that died."""
+    if entry[3] == 0:
+        entry[1].cancel()
+    elif not entry[1].done():
+        entry[1].set_exception(WorkerLost(reason))
 
 
-def _ray_call(threads: int, fn: Callable, args: tuple, kwargs: dict) -> Any:
-    _set_torch_threads(threads)
-    return fn(*args, **kwargs)
-
-
-def make_executor(kind: str = "serial", workers: int = 1, threads: int = 1) -> Executor:
-    """Build the executor a config asks for (``config.executor.kind/workers/threads``)."""
+def make_executor(kind: str = "serial", workers: int = 1, threads: int = 1, *, retries: int = 0,
+                  address: str = "", gpus_per_eval: float = 0.0) -> Executor:
+    """Build the executor a config asks for (the fields of ``config.ExecutorConfig``);
+    ``retries`` applies to process and ray, ``address``/``gpus_per_eval`` to ray only."""
     if kind == "serial":
         return SerialExecutor(threads)
     if kind == "process":
-        return ProcessExecutor(workers, threads)
+        return ProcessExecutor(workers, threads, retries=retries)
     if kind == "ray":
-        return RayExecutor(workers, threads)
+        from gp_loss.executor_ray import RayExecutor  # imports ray, or says how to install it
+
+        return RayExecutor(workers, threads, retries=retries, address=address,
+                           gpus_per_eval=gpus_per_eval)
     raise ConfigError(f"executor.kind: must be one of {', '.join(EXECUTOR_KINDS)}, got {kind!r}")

@@ -1,21 +1,59 @@
-"""Executors (gp_loss.executors): results, raised errors, dead workers, ray's absence.
+"""Executors (gp_loss.executors, gp_loss.executor_ray): results, raised errors, dead workers
+and their retries, Ray's absence, one real search on Ray.
 
-The process tests share one small pool (spawning costs about a second per worker, more when
-torch is imported) and call stdlib functions so that workers need no test module.
+The process tests share one small pool where they can (spawning costs about a second per
+worker, more when torch is imported) and mostly call stdlib functions. The Ray tests (marked
+``ray``; skipped only when ``import ray`` fails) share one local 2-CPU cluster started once for
+the module (Ray takes several seconds to start); helpers of this module reach Ray's workers by
+value, as Ray's workers cannot import the test module.
 """
 
 import concurrent.futures as cf
-import importlib.util
+import json
 import math
 import operator
 import os
+import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from gp_loss.config import ConfigError
 from gp_loss.executors import (ProcessExecutor, RemoteTraceback, SerialExecutor, WorkerLost,
                                make_executor, wait_first)
+
+
+def _runs(path: str) -> list[int]:
+    """Pids of the evaluations of ``_record_and_wait`` on ``path`` so far."""
+    p = Path(path)
+    return [int(x) for x in p.read_text().split()] if p.exists() else []
+
+
+def _record_and_wait(path: str, finish_on_run: int, seconds: float = 120.0) -> list[int]:
+    """Append this process's pid to ``path``; sleep (to be killed) unless this is run number
+    ``finish_on_run``; return the pids of all runs."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    if len(_runs(path)) < finish_on_run:
+        time.sleep(seconds)
+    return _runs(path)
+
+
+def _exit_on_first_run(path: str) -> str:
+    if not os.path.exists(path):
+        Path(path).touch()
+        os._exit(3)
+    return "second run"
+
+
+def _wait_for_runs(path: str, n: int, timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(_runs(path)) < n:
+        assert time.monotonic() < deadline, f"run {n} of {path} did not start"
+        time.sleep(0.05)
+    return _runs(path)
 
 
 def test_serial_runs_at_submit_and_carries_exceptions():
@@ -80,9 +118,113 @@ def test_process_sets_torch_threads_and_cancel_abandons_running_work():
         ex.submit(os.getpid)
 
 
-def test_unknown_kind_and_missing_ray_are_config_errors():
+def test_process_retries_a_lost_evaluation_then_fails_it(tmp_path):
+    with make_executor("process", workers=1, threads=0, retries=1) as ex:
+        again = ex.submit(_exit_on_first_run, str(tmp_path / "marker"))
+        assert again.result(timeout=60) == "second run"  # died once, retried on a new worker
+        lost = ex.submit(os._exit, 4)
+        exc = lost.exception(timeout=60)
+        assert isinstance(exc, WorkerLost) and "exit code 4" in str(exc)
+        assert "after 1 retries" in str(exc)
+        assert ex.submit(operator.add, 1, 2).result(timeout=60) == 3
+
+
+def test_unknown_kind_and_missing_ray_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="executor.kind"):
         make_executor("threads")
-    if importlib.util.find_spec("ray") is None:
-        with pytest.raises(ConfigError, match="pip install ray"):
-            make_executor("ray")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'gp-loss\[ray\]'"):
+        make_executor("ray")
+
+
+# --------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    from gp_loss.executor_ray import start_local
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    start_local(ray, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_completion_order_errors_and_shutdown_keeps_the_cluster(ray_cluster):
+    ex = make_executor("ray", workers=2, threads=0)
+    assert ex.kind == "ray" and ex.capacity == 2
+    assert [f.result(timeout=60) for f in [ex.submit(operator.mul, i, 3) for i in range(4)]] \
+        == [0, 3, 6, 9]
+    slow = ex.submit(time.sleep, 60)
+    fast = ex.submit(operator.add, 2, 3)
+    done, pending = wait_first([slow, fast], timeout=60)
+    assert done == {fast} and pending == {slow} and fast.result() == 5
+    bad = ex.submit(math.sqrt, -1)
+    exc = bad.exception(timeout=60)
+    assert isinstance(exc, ValueError)
+    assert isinstance(exc.__cause__, RemoteTraceback) and "math domain error" in str(exc.__cause__)
+    assert ex.submit(os.getpid).result(timeout=60) != os.getpid()
+    ex.shutdown(cancel=True)  # abandons the sleeping evaluation, not the cluster
+    assert isinstance(slow.exception(timeout=60), WorkerLost)
+    with pytest.raises(RuntimeError, match="shut down"):
+        ex.submit(os.getpid)
+    assert ray_cluster.is_initialized() and ray_cluster.cluster_resources()["CPU"] == 2
+
+
+@pytest.mark.ray
+def test_ray_killed_actor_is_replaced_and_its_evaluation_retried_or_failed(ray_cluster,
+                                                                          tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with make_executor("ray", workers=2, threads=0, retries=1) as ex:
+        first = ex.submit(_record_and_wait, a, 2)  # killed once, then finishes
+        second = ex.submit(_record_and_wait, b, 99)  # killed twice: lost after 1 retry
+        os.kill(_wait_for_runs(a, 1)[0], signal.SIGKILL)
+        pids = first.result(timeout=60)
+        assert len(pids) == 2 and pids[0] != pids[1]  # the retry ran in another process
+        killed = _wait_for_runs(b, 1)[0]
+        assert not second.done()  # the other actor's evaluation went on meanwhile
+        os.kill(killed, signal.SIGKILL)
+        os.kill(_wait_for_runs(b, 2)[1], signal.SIGKILL)
+        exc = second.exception(timeout=60)
+        assert isinstance(exc, WorkerLost) and "after 1 retries" in str(exc)
+        assert "died while evaluating" in str(exc) and str(_runs(b)[1]) in str(exc)
+        after = [ex.submit(operator.add, i, 1) for i in range(4)]  # the dead were replaced
+        assert [f.result(timeout=60) for f in after] == [1, 2, 3, 4]
+    with make_executor("ray", workers=1, threads=0) as ex:  # retries = 0: lost at once
+        lost = ex.submit(_record_and_wait, str(tmp_path / "c"), 99)
+        os.kill(_wait_for_runs(str(tmp_path / "c"), 1)[0], signal.SIGKILL)
+        exc = lost.exception(timeout=60)
+        assert isinstance(exc, WorkerLost) and "retries" not in str(exc)
+        assert ex.submit(operator.add, 1, 1).result(timeout=60) == 2
+
+
+@pytest.mark.ray
+def test_ray_gpus_that_a_local_cluster_lacks_are_a_config_error(ray_cluster):
+    with pytest.raises(ConfigError, match="gpus_per_eval"):
+        make_executor("ray", workers=1, threads=0, gpus_per_eval=0.5)
+
+
+@pytest.mark.ray
+def test_ray_search_through_the_cli(ray_cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from gp_loss.cli import cli
+
+    run_dir = tmp_path / "run"
+    sets = ["search.initial=4", "search.population=2", "search.tournament=2",
+            "search.children=3", "search.reference=[]", "surrogate.steps=30",
+            "surrogate.prescreen_steps=0",
+            "executor.kind=ray", "executor.workers=2"]
+    runner = CliRunner()
+    res = runner.invoke(cli, ["-q", "search", "--run-dir", str(run_dir),
+                              *[a for s in sets for a in ("--set", s)]],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    shown = runner.invoke(cli, ["show", str(run_dir), "--json", "--top", "2"])
+    assert shown.exit_code == 0, shown.output
+    s = json.loads(shown.output)
+    assert s["top"] and 0 < s["top"][0]["fitness"] <= 1
+    counts = s["counts"]
+    assert counts["evaluated"] + counts["reused"] + counts["failed"] == 4 + 3
+    assert ray_cluster.is_initialized()
