@@ -389,7 +389,8 @@ class Evolution(StartPhases):
             torch.set_num_threads(1)
         self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads,
                                       retries=ex_cfg.retries, address=ex_cfg.address,
-                                      gpus_per_eval=ex_cfg.gpus_per_eval)
+                                      gpus_per_eval=ex_cfg.gpus_per_eval,
+                                      timeout_s=self.cfg.surrogate.timeout_s)
         path = self.cfg.search.fitness_cache or default_path()
         self.cache, self.digests = FitnessCache(path), {}
         try:

@@ -45,6 +45,10 @@ class WorkerLost(RuntimeError):
     """The process running an evaluation died, or the executor was shut down under it."""
 
 
+class EvaluationTimeout(WorkerLost):
+    """A hung evaluation: its worker was killed at the hard deadline (never retried)."""
+
+
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker (set as ``__cause__``)."""
 
@@ -168,6 +172,7 @@ class _Worker:
         child.close()
         self.ready = False
         self.task: list | None = None  # the queue entry it runs: [id, future, payload, attempt]
+        self.started = 0.0  # monotonic time the task was sent
 
 
 class ProcessExecutor(Executor):
@@ -175,10 +180,14 @@ class ProcessExecutor(Executor):
 
     kind = "process"
 
-    def __init__(self, workers: int = 1, threads: int = 1, *, retries: int = 0):
+    def __init__(self, workers: int = 1, threads: int = 1, *, retries: int = 0,
+                 timeout_s: float = 0.0):
         self.capacity = workers
         self._threads = threads
         self._retries = retries
+        # The trainer checks surrogate.timeout_s between steps; this hard deadline, a quarter
+        # later (+5 s), catches an evaluation that hangs inside one step: its worker is killed.
+        self._deadline = 1.25 * timeout_s + 5.0 if timeout_s > 0 else 0.0
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()
@@ -245,7 +254,19 @@ class ProcessExecutor(Executor):
         waitables = [self._wake_r]
         for w in self._workers:
             waitables += [w.conn, w.process.sentinel]
-        for ready in multiprocessing.connection.wait(waitables):
+        timeout = None
+        if self._deadline:
+            now = time.monotonic()
+            for w in self._workers:
+                if w.task is not None and now - w.started > self._deadline and \
+                        not w.conn.poll():
+                    w.process.kill()
+                    self._lost(w, f"hung evaluation killed after {now - w.started:.0f} s "
+                                  f"(surrogate.timeout_s)", timeout=True)
+                    return True
+            running = [w.started + self._deadline - now for w in self._workers if w.task]
+            timeout = max(0.05, min(running)) if running else None
+        for ready in multiprocessing.connection.wait(waitables, timeout):
             if ready is self._wake_r:
                 while self._wake_r.poll():
                     self._wake_r.recv_bytes()
@@ -270,6 +291,7 @@ class ProcessExecutor(Executor):
                 if attempt == 0 and not future.set_running_or_notify_cancel():
                     continue  # cancelled while queued
                 worker.task = entry
+                worker.started = time.monotonic()
                 try:
                     worker.conn.send((task_id, payload))
                 except OSError:
@@ -300,7 +322,7 @@ class ProcessExecutor(Executor):
                     exc.__cause__ = RemoteTraceback(message[3])
                 future.set_exception(exc)
 
-    def _lost(self, worker: _Worker, reason: str | None) -> None:
+    def _lost(self, worker: _Worker, reason: str | None, timeout: bool = False) -> None:
         """A worker died: fail its task, start a replacement (unless workers keep dying)."""
         worker.process.join(timeout=5)
         if worker.process.is_alive():  # closed its pipe but lingers: make sure it is gone
@@ -313,7 +335,9 @@ class ProcessExecutor(Executor):
                    else f"exit code {code}")
             reason = f"worker process {worker.process.pid} died ({how})"
         entry, worker.task = worker.task, None
-        if entry is not None and entry[3] < self._retries:
+        if entry is not None and timeout:
+            entry[1].set_exception(EvaluationTimeout(reason))
+        elif entry is not None and entry[3] < self._retries:
             entry[3] += 1  # a retry: to the head of the queue, for the replacement or another
             with self._lock:
                 self._queue.appendleft(entry)
@@ -378,13 +402,15 @@ def _drop(entry: list, reason: str) -> None:
 
 
 def make_executor(kind: str = "serial", workers: int = 1, threads: int = 1, *, retries: int = 0,
-                  address: str = "", gpus_per_eval: float = 0.0) -> Executor:
+                  address: str = "", gpus_per_eval: float = 0.0,
+                  timeout_s: float = 0.0) -> Executor:
     """Build the executor a config asks for (the fields of ``config.ExecutorConfig``);
-    ``retries`` applies to process and ray, ``address``/``gpus_per_eval`` to ray only."""
+    ``retries`` applies to process and ray, ``address``/``gpus_per_eval`` to ray only;
+    ``timeout_s`` (surrogate.timeout_s) gives process workers a hard deadline."""
     if kind == "serial":
         return SerialExecutor(threads)
     if kind == "process":
-        return ProcessExecutor(workers, threads, retries=retries)
+        return ProcessExecutor(workers, threads, retries=retries, timeout_s=timeout_s)
     if kind == "ray":
         from gp_loss.executor_ray import RayExecutor  # imports ray, or says how to install it
 

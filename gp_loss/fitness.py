@@ -33,7 +33,9 @@ def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: 
         result = train_candidate(loss_fn, eval_config, seed=seed, device=device,
                                  with_test=with_test)
     except Exception as exc:  # a broken candidate is a result, not a crash of the search
-        result = {"status": "failed", "reason": f"error: {type(exc).__name__}: {exc}"[:300],
+        from .train import error_reason
+
+        result = {"status": "failed", "reason": error_reason(exc),
                   "fitness": 0.0, "val_acc": None, "test_acc": None, "train_acc": None,
                   "steps": 0, "seconds": time.perf_counter() - t0, "device": None}
     result["expr"] = expr

@@ -246,7 +246,13 @@ def _network(cfg: dict, splits, size: int, dev: torch.device) -> torch.nn.Module
     return _COMPILED[key][1]
 
 
-def _error_reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
+    """A failed evaluation's reason: "out_of_memory" (the device's memory is freed for the next
+    candidate) or "error: <Type>: <first line>"."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return "out_of_memory"
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     reason = f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
     return reason if len(reason) <= 200 else reason[:197] + "..."
@@ -409,7 +415,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
                 first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
             loss.backward()
         except Exception as exc:  # a candidate's loss may fail in any way; the search goes on
-            status, reason = "failed", _error_reason(exc)
+            status, reason = "failed", error_reason(exc)
             break
         opt.step()
         correct += (logits.detach().argmax(1) == yb).sum()

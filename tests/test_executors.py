@@ -129,6 +129,19 @@ def test_process_retries_a_lost_evaluation_then_fails_it(tmp_path):
         assert ex.submit(operator.add, 1, 2).result(timeout=60) == 3
 
 
+def test_process_hung_evaluation_is_killed_at_the_hard_deadline_and_not_retried():
+    from gp_loss.executors import EvaluationTimeout
+
+    # timeout_s = 0.8 -> hard deadline 1.25 * 0.8 + 5 = 6 s; time.sleep stands for a step that
+    # never returns (the trainer's own between-steps check cannot see it)
+    with ProcessExecutor(2, 1, retries=3, timeout_s=0.8) as ex:
+        hung, quick = ex.submit(time.sleep, 120), ex.submit(operator.add, 2, 3)
+        assert quick.result(timeout=60) == 5
+        with pytest.raises(EvaluationTimeout, match="hung evaluation killed after"):
+            hung.result(timeout=60)
+        assert ex.submit(operator.mul, 6, 7).result(timeout=60) == 42  # replaced
+
+
 def test_unknown_kind_and_missing_ray_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="executor.kind"):
         make_executor("threads")

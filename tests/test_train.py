@@ -189,8 +189,13 @@ def test_midrun_rule_and_timeout():
     assert (r["status"], r["reason"]) == ("failed", "timeout")
 
 
+def _oom_loss(logits, target):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
 @pytest.mark.parametrize("fn, expected", [(_raising_loss, "error: KeyError: 'boom'"),
-                                          (_per_sample_loss, "error: RuntimeError: ")])
+                                          (_per_sample_loss, "error: RuntimeError: "),
+                                          (_oom_loss, "out_of_memory")])
 def test_a_loss_that_raises_fails_with_the_error(fn, expected):
     r = train_candidate(fn, SHORT)
     assert r["status"] == "failed" and r["reason"].startswith(expected)
