@@ -258,3 +258,13 @@ def test_store_write_errors_are_store_errors(tmp_path):
     assert store.candidates() == []
     store.close()
     assert os.path.exists(tmp_path / "run" / "run.sqlite")
+
+
+@pytest.mark.parametrize("command", [["resume", "{r}"], ["eliminate", "{r}"]])
+def test_a_second_writer_on_a_run_is_refused(cli_run, tmp_path, command):
+    run_dir = _good_store(tmp_path.parent / f"{tmp_path.name}-run")
+    with RunStore.open(run_dir):  # a search holding the run
+        before = _files(run_dir)
+        res = cli_run(*[a.replace("{r}", str(run_dir)) for a in command])
+        assert_refused(res, "in use by another gp-loss process", f"pid {os.getpid()}")
+        assert _files(run_dir) == before

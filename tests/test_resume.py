@@ -216,6 +216,34 @@ def test_sigkilled_serial_search_resumes_to_the_uninterrupted_run(tmp_path):
     assert got[2]["phase"] == "done"
 
 
+def test_serial_search_sigkilled_at_random_moments_resumes_to_the_same_run(tmp_path):
+    """Kills at arbitrary moments (mid-transaction, mid-training, during start-up), several
+    in a row; the resumed run equals the uninterrupted one row for row."""
+    import random
+
+    serial = ["--set", "executor.kind=serial", "--set", "search.children=8"]
+    base = tmp_path / "base"
+    cli_ok("search", "--run-dir", str(base), *TINY, *serial)
+    run_dir, rng, kills = tmp_path / "killed", random.Random(2026), []
+    proc = spawn("search", "--run-dir", str(run_dir), *TINY, *serial)
+    for attempt in range(4):
+        deadline = time.monotonic() + 60
+        while progress(run_dir / "run.sqlite") is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the store exists: the run has started
+        time.sleep(rng.uniform(0.2, 2.5))
+        if proc.poll() is not None:
+            break  # it finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        kills.append(progress(run_dir / "run.sqlite"))
+        proc = spawn("resume", str(run_dir))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    proc.stderr.close()
+    assert len(kills) >= 2, kills  # the run was really cut, more than once
+    assert table(run_dir) == table(base)
+
+
 def test_sigkilled_process_search_accounts_for_every_candidate(tmp_path):
     run_dir = tmp_path / "proc"
     proc = spawn("search", "--run-dir", str(run_dir), *TINY, "--set", "executor.kind=process",
