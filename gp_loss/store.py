@@ -356,7 +356,9 @@ class RunStore:
                     self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # SQLite rolled back already (e.g. a full disk): nothing was written
-            if outer and isinstance(exc, sqlite3.Error):
+            if outer and isinstance(exc, sqlite3.Error) and not isinstance(
+                    exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError,
+                          sqlite3.InterfaceError)):  # those are bugs, not the disk
                 raise self._write_error(exc) from None
             raise
         finally:
