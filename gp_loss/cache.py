@@ -55,9 +55,19 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
     blob = {"surrogate": {k: v for k, v in sorted(surrogate.items()) if k not in _NOT_IN_KEY},
             "seed": seed, "device_type": dev.split(":")[0], "dtype": dtype,
             "threads": threads if dev == "cpu" else None,
-            "pset": hashlib.sha256(pset_source.encode()).hexdigest(),
+            "pset": _content_digest(pset_source),
             "torch": torch.__version__, "gp_loss": _version("gp-loss"), "v": CACHE_VERSION}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _content_digest(source: str) -> str:
+    """The primitive set's file contents (its path is where it lives, not what it means: a
+    set edited in place must not meet its old results)."""
+    try:
+        data = Path(source).read_bytes()
+    except OSError:
+        data = source.encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 def cacheable(result: dict) -> bool:

@@ -143,7 +143,8 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
                  res.get("seconds") or 0.0,
                  "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
     executor = (make_executor("process", workers, cfg.executor.threads,
-                              retries=cfg.executor.retries) if workers > 1
+                              retries=cfg.executor.retries,
+                              timeout_s=cfg.surrogate.timeout_s) if workers > 1
                 else make_executor("serial", 1, cfg.executor.threads))
     with executor:
         res = protocol.compare(losses, cells, seed_list, lrs, executor, on_done=progress)
@@ -251,7 +252,8 @@ def eliminate(run_dir, config, sets, device, as_json):
         e = cfg.executor
         try:
             with make_executor(e.kind, e.workers, e.threads, retries=e.retries,
-                               address=e.address, gpus_per_eval=e.gpus_per_eval) as executor:
+                               address=e.address, gpus_per_eval=e.gpus_per_eval,
+                               timeout_s=cfg.surrogate.timeout_s) as executor:
                 res = protocol.eliminate(store, rounds, surrogate, executor, on_done=progress)
         except KeyboardInterrupt:
             click.echo(f"interrupted; continue with: gp-loss eliminate {run_dir} (same "

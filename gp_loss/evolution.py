@@ -27,8 +27,8 @@ its result, the population change and the counters are committed together. After
 ``resume`` re-submits the pending evaluations and carries on, losing and repeating nothing.
 
 Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and novelty),
-``symbolic`` (canonical keys, display formulas), ``executors`` + ``fitness`` (evaluations) and
-``store`` (the only place state lives between steps). The start (reference, seeding, initial
+``symbolic`` (canonical keys), ``cache`` (results across runs), ``executors`` + ``fitness``
+(evaluations) and ``store`` (the only place state lives between steps). The start (reference, seeding, initial
 selection) and the re-evaluations with more seeds are in ``evolution_start.py``.
 """
 from __future__ import annotations

@@ -180,7 +180,8 @@ class StartPhases:
         row = self.store.candidate(parent)
         first = row["result"] or {}
         seeds = [float(first.get("fitness", row["fitness"]) or 0.0)] + [
-            r["fitness"] if r["status"] == "evaluated" else 0.0
+            r["fitness"] if r["status"] in ("evaluated", "reused") and r["fitness"] is not None
+            else 0.0
             for r in sorted(mine, key=lambda r: r["birth"])]
         mean = sum(seeds) / len(seeds)
         self.store.update_candidate(parent, fitness=mean,

@@ -10,8 +10,8 @@
 
 Display only: nothing here feeds a key or a decision. Fed by ``symbolic.to_sympy`` (with
 ``constants='float'``) and ``primitives.py`` (``precip``); ``symbolic`` re-exports ``formula``,
-``latex`` and ``display_expr``. Used by ``simplify``/``show`` (``report.py``), ``export`` and
-the search's stored formulas.
+``latex`` and ``display_expr``. Used by ``simplify``/``show`` (``report.py``) and ``export``,
+for the few rows they display (the search itself stores no formulas).
 """
 from __future__ import annotations
 

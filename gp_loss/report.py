@@ -258,12 +258,14 @@ def format_summary(s: dict) -> str:
                      f"an earlier run with the same settings)")
     seeding = k.get("seeding") or {}
     if sum(seeding.values()):
-        lines.append(f"  seeding (cheap initial fitness): {seeding['evaluated']} scored, "
+        lines.append(f"  seeding (cheap initial fitness): "
+                     f"{seeding['evaluated'] + seeding['reused']} scored, "
                      f"{seeding['failed']} failed, {seeding['pending']} pending; only the "
                      f"re-scored ones rank above")
     reeval = k.get("reeval") or {}
     if sum(reeval.values()):
-        lines.append(f"  re-evaluations with more seeds: {reeval['evaluated']} done, "
+        lines.append(f"  re-evaluations with more seeds: "
+                     f"{reeval['evaluated'] + reeval['reused']} done, "
                      f"{reeval['failed']} failed, {reeval['pending']} pending")
     if k["rejected"]:
         lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in

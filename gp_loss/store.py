@@ -1,6 +1,6 @@
 """The SQLite run store, ``RUN_DIR/run.sqlite`` (stdlib sqlite3, WAL).
 
-Fed by the search driver (the only writer: the evolution loop, ``eliminate``, the fitness cache);
+Fed by the driver process (the only writer: the evolution loop or ``eliminate``, never a worker);
 read by ``show`` / ``plot`` / ``export`` through read-only connections. It holds the resolved
 config and the environment (``meta``), every proposal and candidate (``candidates``), the
 population membership (``population``), a canonical key -> best result lookup

@@ -85,3 +85,27 @@ def test_unusable_cache_is_logged_and_the_search_goes_on(tmp_path, monkeypatch, 
     store = run(tmp_path / "run", apply_overrides(Config(), CFG), fake, monkeypatch)
     assert fake.calls and store.get_state("phase") == "done"
     assert "fitness cache" in caplog.text
+
+
+def test_cached_reevaluation_seeds_count_like_trained_ones(tmp_path, monkeypatch):
+    from test_search import SeedAware
+
+    monkeypatch.setenv("GP_LOSS_CACHE", str(tmp_path / "cache.sqlite"))
+    cfg = apply_overrides(Config(), CFG + ["search.reeval_seeds=3", "search.reeval_after=2"])
+    first = run(tmp_path / "a", cfg, SeedAware(), monkeypatch)
+    second = run(tmp_path / "b", cfg, SeedAware(), monkeypatch)
+
+    def means(store):
+        ids = {r["parent_id"] for r in store.candidates(phase="reeval")}
+        return sorted((store.candidate(i)["expr"], store.candidate(i)["fitness"]) for i in ids)
+    assert means(first) and means(first) == means(second)
+    assert all(r["status"] == "reused" for r in second.candidates(phase="reeval"))
+
+
+def test_a_set_edited_in_place_does_not_meet_its_old_results(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("a")
+    sur = dict(Config().surrogate.__dict__)
+    before = settings_digest(sur, 0, 1, str(path))
+    path.write_text("b")
+    assert settings_digest(sur, 0, 1, str(path)) != before
