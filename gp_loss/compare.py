@@ -131,20 +131,14 @@ def make_loss(text: str, pset, name: str | None = None, source: str | None = Non
 def run_losses(run_dir, k: int) -> list[Loss]:
     """``rank1`` .. ``rankK``: a run's finalists -- the final ranking of its elimination when
     one finished in the run, else its best distinct search candidates."""
-    from .eliminate import stored_rounds
     from .psets import load_pset
     from .store import RunStore
 
     with RunStore.open(run_dir, readonly=True) as store:
         ps = load_pset(store.config().get("search", {}).get("pset", "paper"))
-        rounds = stored_rounds(store) or []
-        done = (rounds and rounds[-1]["complete"]
-                and len(rounds) == len(store.meta()["eliminate"]["rounds"]))
-        if done:
-            log.info("%s: ranking by its finished elimination (round %d)", run_dir,
-                     rounds[-1]["round"])
-            rows = [{"id": m["id"], "expr": m["expr"]} for m in rounds[-1]["members"]][:k]
-            how = "elimination"
+        rows, how = store.finalists(k), "elimination"
+        if rows:
+            log.info("%s: ranking by its finished elimination", run_dir)
         else:
             rows, how = search_candidates(store, k), "search"
     if not rows:

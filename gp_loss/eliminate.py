@@ -180,9 +180,13 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
     finally:
         if own:
             executor.shutdown()
+    finalists = [{k: m[k] for k in ("rank", "id", "expr", "formula", "score")}
+                 for m in out[-1]["members"]] if out else []
+    if finalists and len(out) == len(rounds):
+        # the final ranking, where export/plot/compare --from-run find it (store.finalists)
+        store.set_meta("finalists", [{"id": m["id"], "score": m["score"]} for m in finalists])
     return {"run_dir": str(store.run_dir), "rounds": out, "trained_now": trained,
-            "finalists": [{k: m[k] for k in ("rank", "id", "expr", "formula", "score")}
-                          for m in out[-1]["members"]] if out else []}
+            "finalists": finalists}
 
 
 def _plain(rnd: Round) -> dict:

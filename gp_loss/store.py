@@ -513,6 +513,16 @@ class RunStore:
             r.pop("rank_in_key", None)
         return rows
 
+    def finalists(self, k: int = 10) -> list[dict]:
+        """The final ranking of the run's finished elimination (``eliminate`` stores it), best
+        first, as candidate rows with ``elimination_score``; [] when there is none."""
+        rows = []
+        for entry in (self.meta().get("finalists") or [])[:k]:
+            row = self.candidate(entry["id"])
+            if row is not None:
+                rows.append({**row, "elimination_score": entry["score"]})
+        return rows
+
     def counts(self, phase: str | None = None) -> dict[str, int]:
         """Number of rows per status (every status present, zeros included)."""
         sql = "SELECT status, count(*) FROM candidates WHERE ?1 IS NULL OR phase = ?1 GROUP BY 1"

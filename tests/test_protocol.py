@@ -557,3 +557,10 @@ def test_from_run_ranks_by_a_finished_elimination(tmp_path):
     assert [l.expr for l in losses] == [m["expr"] for m in res["finalists"]]
     assert [l.name for l in losses] == ["rank1", "rank2"][:len(losses)]
     assert all("(elimination)" in l.source for l in losses)
+    # export and plot rank the same way
+    from gp_loss import export, plots
+
+    assert [e["expr"] for e in export.run_entries(tmp_path / "run", 3)] == \
+        [l.expr for l in losses]
+    assert [r["expr"] for r in plots.load_run(tmp_path / "run", 3).top] == \
+        [l.expr for l in losses]
