@@ -50,7 +50,7 @@ _NAMES = {"kabs": "abs", "kmax": "max", "kmin": "min", "ksig": "sigmoid", "kI0":
 
 class _Str(StrPrinter):
     def _print_precip(self, expr):
-        return "1/" + self.parenthesize(expr.args[0], 50, strict=True)
+        return "1/" + self.parenthesize(expr.args[0], 50)  # a product below the bar: (..)
 
     def _print_Float(self, expr):
         return format(float(expr), ".6g")
@@ -68,7 +68,7 @@ class _Str(StrPrinter):
         if expr.could_extract_minus_sign():
             return "-" + self._print(-expr)
         top = self.parenthesize(sympy.Mul(*num), 50) if num else "1"
-        return f"{top}/{self.parenthesize(sympy.Mul(*den), 50, strict=True)}"
+        return f"{top}/{self.parenthesize(sympy.Mul(*den), 50)}"  # strict=False: a*b -> (a*b)
 
 
 class _Latex(LatexPrinter):

@@ -317,3 +317,17 @@ def test_to_sympy_modes():
     atoms = S.to_sympy(tree, constants="atoms")
     assert sympy.Symbol("erf(1)", real=True) in atoms.free_symbols
     assert S.to_sympy(tree, constants="float").has(sympy.Float)
+
+
+@pytest.mark.parametrize("expr, shown", [
+    ("div(p, mul(exp(y), y))", "p/(y*exp(y))"),
+    ("div(p, i1e(y))", "p/(exp(-abs(y))*i1(y))"),
+    ("recip(mul(exp(y), p))", "1/(p*exp(y))"),
+    ("div(add(p, y), y)", "(p + y)/y"),
+    ("div(p, mul(y, y))", "p/y**2"),
+])
+def test_a_product_below_the_bar_is_parenthesized(expr, shown):
+    """The display formula must read as the loss: p/(y*exp(y)), never p/y*exp(y)."""
+    from gp_loss import formula as fmt
+
+    assert str(fmt.formula(parse(expr, "paper"), "paper")) == shown
