@@ -168,9 +168,9 @@ def cli(quiet: bool, verbose: bool) -> None:
     """Discover loss functions for image classifiers by genetic programming.
 
     A loss is an expression in prefix notation over the one-hot target y and the softmax
-    prediction p, e.g. cross-entropy is neg(mul(y, log(p))); the names ce, baikal, focal and
-    mse stand for reference losses. Exit codes: 0 ok, 1 negative answer (check rejected, same
-    different), 2 bad input, 3 internal error.
+    prediction p, e.g. cross-entropy is neg(mul(y, log(p))); the names ce, baikal, focal, mse
+    and i1e_ratio (found on MNIST) stand for zoo losses. Exit codes: 0 ok, 1 negative answer
+    (check rejected, same different), 2 bad input, 3 internal error.
 
     \b
     Examples:

@@ -187,6 +187,11 @@ def resume(run_dir, sets, device, top):
     Evaluations that were in flight are run again; nothing completed is lost or repeated.
     Only how the run executes may change: --set search.children=N (to extend it),
     search.max_minutes, executor.* and surrogate.device.
+
+    \b
+    Examples:
+      gp-loss resume runs/quick
+      gp-loss resume runs/quick --set search.children=1200 --set executor.workers=4
     """
     from .config import apply_overrides, config_from_dict, config_to_dict
     from .store import RunStore

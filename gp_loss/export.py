@@ -113,7 +113,8 @@ def run_entries(run_dir, top: int = 5) -> list:
                        sign=row["sign"] if row.get("sign") in (1, -1) else 1,
                        formula=row.get("formula") or None,
                        fitness=row.get("fitness"), candidate_id=row.get("id"), run=run,
-                       seeds=len((row.get("result") or {}).get("seed_fitness") or []) or 1)
+                       seeds=len((row.get("result") or {}).get("seed_fitness") or []) or 1,
+                       elimination_score=row.get("elimination_score"))
             for i, row in enumerate(rows, 1)]
 
 
@@ -126,10 +127,15 @@ def _run_lines(entries) -> list:
     lines = [f"Exported from the run in {run['dir']} (created {run['created']}).",
              f"Fitness = best validation accuracy of the search's surrogate "
              f"({run['surrogate']});", "the mean over seeds where re-evaluated."]
+    if any(e.get("elimination_score") is not None for e in entries):
+        lines.append("Ranked by the run's finished elimination (score = its last round's mean "
+                     "validation accuracy).")
     for e in entries:
         seeds = f", mean of {e['seeds']} seeds" if e.get("seeds", 1) > 1 else ""
+        score = (f", elimination score {e['elimination_score']:.4f}"
+                 if e.get("elimination_score") is not None else "")
         lines.append(f"  {e['name']}: candidate #{e['candidate_id']}, fitness "
-                     f"{e['fitness']:.4f}{seeds}")
+                     f"{e['fitness']:.4f}{seeds}{score}")
     return [" ".join(line.splitlines()) for line in lines]
 
 

@@ -562,5 +562,10 @@ def test_from_run_ranks_by_a_finished_elimination(tmp_path):
 
     assert [e["expr"] for e in export.run_entries(tmp_path / "run", 3)] == \
         [l.expr for l in losses]
+    from gp_loss.export import _run_lines
+
+    lines = _run_lines(export.run_entries(tmp_path / "run", 3))
+    assert any("Ranked by the run's finished elimination" in line for line in lines)
+    assert any("elimination score" in line for line in lines)
     assert [r["expr"] for r in plots.load_run(tmp_path / "run", 3).top] == \
         [l.expr for l in losses]
