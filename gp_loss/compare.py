@@ -17,7 +17,7 @@ runs enter the statistics. Failed runs are listed with their reason and left out
 Fed by the CLI (``cli_protocol.py``: ``gp-loss compare``, through ``protocol``), a config
 (``config.py``; cells checked against ``data.py``/``models.py`` before any run), losses parsed
 by ``trees`` and oriented by ``screen.integrity``, a run store (``rank1``.. via
-``protocol.search_candidates``) and ``fitness.evaluate`` via ``protocol.run_jobs``.
+``RunStore.best``) and ``fitness.evaluate`` via ``protocol.run_jobs``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import statistics
 import time
 from typing import Callable, Sequence
 
-from .protocol import InputError, run_jobs, search_candidates
+from .protocol import InputError, run_jobs
 
 log = logging.getLogger("gp_loss")
 
@@ -136,11 +136,10 @@ def run_losses(run_dir, k: int) -> list[Loss]:
 
     with RunStore.open(run_dir, readonly=True) as store:
         ps = load_pset(store.config().get("search", {}).get("pset", "paper"))
-        rows, how = store.finalists(k), "elimination"
-        if rows:
-            log.info("%s: ranking by its finished elimination", run_dir)
-        else:
-            rows, how = search_candidates(store, k), "search"
+        rows = store.best(k)
+    how = "elimination" if rows and "elimination_score" in rows[0] else "search"
+    if how == "elimination":
+        log.info("%s: ranking by its finished elimination", run_dir)
     if not rows:
         raise InputError(f"{run_dir}: the run has no evaluated candidates yet")
     return [make_loss(r["expr"], ps, f"rank{i}", f"run:{run_dir}#{r['id']} ({how})")

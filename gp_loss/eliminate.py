@@ -18,7 +18,7 @@ all rounds are done. The plan (rounds, surrogate, entrants) is the store's meta
 ``resolve_rounds`` turns an ``[eliminate]`` table into the rounds.
 
 Fed by the CLI (``cli_protocol.py``: ``gp-loss eliminate``, through ``protocol``), a writable
-run store (``store.py``; the driver is its only writer), ``protocol.search_candidates`` for the
+run store (``store.py``; the driver is its only writer), ``RunStore.top`` for the
 entrants and ``fitness.evaluate`` via ``protocol.run_jobs``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import logging
 import statistics
 from typing import Callable, Sequence
 
-from .protocol import InputError, run_jobs, search_candidates
+from .protocol import InputError, run_jobs
 
 log = logging.getLogger("gp_loss")
 
@@ -127,7 +127,7 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
                                                 if k != "device"}}, sort_keys=True))
     saved = store.meta().get("eliminate")
     if saved is None:
-        entrants = [r["id"] for r in search_candidates(store, rounds[0].size)]
+        entrants = [r["id"] for r in store.top(rounds[0].size)]
         if not entrants:
             raise InputError(f"{store.run_dir}: the run has no evaluated candidates to eliminate")
         if len(entrants) < rounds[0].size:

@@ -350,7 +350,7 @@ class Evolution(StartPhases):
                                         engine_seconds=engine)
             if cand is not None and cand.phase == "reeval":
                 self._reeval_done(cand.parent)
-        if settings and not res.get("cached"):  # after the commit: a kill never makes a
+        if settings and not cached:  # after the commit: a kill never makes a
             # resumed run find its own pending result in the cache
             self.cache.put(key, sign, settings, res, f"{self.store.run_dir}#{cid}")
         if self.progress is not None and (cand is None or cand.phase != "reeval"):

@@ -101,7 +101,7 @@ def run_entries(run_dir, top: int = 5) -> list:
     with RunStore.open(run_dir, readonly=True) as store:
         cfg = store.config()
         pset_name = (cfg.get("search") or {}).get("pset", "paper")
-        rows = store.finalists(top) or store.top(top)  # eliminated finalists first
+        rows = store.best(top)
         sur = cfg.get("surrogate") or {}
         run = {"dir": str(Path(run_dir).resolve()), "created": store.meta().get("created"),
                "surrogate": f"{sur.get('dataset')} / {sur.get('model')}, "

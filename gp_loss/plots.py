@@ -55,7 +55,7 @@ def load_run(run_dir, top: int = 3) -> Run:
         run = Run(Path(run_dir), load_pset(cfg.get("pset", "paper")),
                   int(cfg.get("population", 1)), len(cfg.get("seed_with", [])), rows,
                   [r for r in rows.values() if r["phase"] in SEARCH_PHASES
-                   and r["status"] in DONE], evaluated_rows(store), store.finalists(top) or store.top(top), refs)
+                   and r["status"] in DONE], evaluated_rows(store), store.best(top), refs)
     if not run.evaluated:
         raise InputError(f"{run_dir}: the run has no evaluated candidates yet")
     return run

@@ -6,7 +6,7 @@
 
 Both train only through ``fitness.evaluate`` (the same worker function the search runs, so an
 executor can run it), by way of ``run_jobs`` here; both take a run's best distinct candidates
-from ``search_candidates``; bad input to either is an ``InputError`` (CLI exit 2).
+from ``RunStore.top`` / ``RunStore.best``; bad input to either is an ``InputError`` (CLI exit 2).
 
 Fed by a run store (``store.py``) and ``executors.py``. Used by ``compare.py`` and
 ``eliminate.py``, which import this module; their public names (``compare``, ``make_loss``,
@@ -19,24 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-SEARCH_PHASES = ("initial", "child")
-
-
 class InputError(ValueError):
     """Bad input to the protocol (unknown loss/dataset/model, bad rounds); CLI exit 2."""
-
-
-def search_candidates(store, k: int) -> list[dict]:
-    """The run's best ``k`` distinct search candidates (phases initial/child; fitness desc, id)."""
-    best: dict = {}
-    for status in ("evaluated", "reused"):
-        for r in store.candidates(status=status):
-            if r["phase"] in SEARCH_PHASES and r["fitness"] is not None:
-                key = r["key"] or f"id:{r['id']}"
-                if key not in best or (r["fitness"], -r["id"]) > (best[key]["fitness"],
-                                                                   -best[key]["id"]):
-                    best[key] = r
-    return sorted(best.values(), key=lambda r: (-r["fitness"], r["id"]))[:k]
 
 
 def run_jobs(jobs: list[tuple], executor, evaluate_fn: Callable, on_done=None) -> list[dict]:

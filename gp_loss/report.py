@@ -254,19 +254,15 @@ def format_summary(s: dict) -> str:
     if k.get("from_cache"):
         n = k["from_cache"]
         lines.append(f"  {n} evaluation{'s' if n != 1 else ''} came from the fitness cache "
-                     f"(trained by "
-                     f"an earlier run with the same settings)")
-    seeding = k.get("seeding") or {}
-    if sum(seeding.values()):
-        lines.append(f"  seeding (cheap initial fitness): "
-                     f"{seeding['evaluated'] + seeding['reused']} scored, "
-                     f"{seeding['failed']} failed, {seeding['pending']} pending; only the "
-                     f"re-scored ones rank above")
-    reeval = k.get("reeval") or {}
-    if sum(reeval.values()):
-        lines.append(f"  re-evaluations with more seeds: "
-                     f"{reeval['evaluated'] + reeval['reused']} done, "
-                     f"{reeval['failed']} failed, {reeval['pending']} pending")
+                     f"(trained by an earlier run with the same settings)")
+    for key, label, done, tail in (
+            ("seeding", "seeding (cheap initial fitness)", "scored",
+             "; only the re-scored ones rank above"),
+            ("reeval", "re-evaluations with more seeds", "done", "")):
+        c = k.get(key) or {}
+        if sum(c.values()):
+            lines.append(f"  {label}: {c['evaluated'] + c['reused']} {done}, {c['failed']} "
+                         f"failed, {c['pending']} pending{tail}")
     if k["rejected"]:
         lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in
                                                           list(k["rejected"].items())[:8]))

@@ -513,6 +513,11 @@ class RunStore:
             r.pop("rank_in_key", None)
         return rows
 
+    def best(self, k: int = 10) -> list[dict]:
+        """The run's best ``k``: its elimination's finalists when one finished (rows carry
+        ``elimination_score``), else its best distinct search candidates (``top``)."""
+        return self.finalists(k) or self.top(k)
+
     def finalists(self, k: int = 10) -> list[dict]:
         """The final ranking of the run's finished elimination (``eliminate`` stores it), best
         first, as candidate rows with ``elimination_score``; [] when there is none."""
