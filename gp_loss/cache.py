@@ -30,7 +30,9 @@ from pathlib import Path
 
 log = logging.getLogger("gp_loss.cache")
 
-CACHE_VERSION = 1
+# 2: a pre-screen at the last step (prescreen_steps >= steps) no longer fails a candidate,
+# so version-1 "prescreen" results of such settings must not be reused.
+CACHE_VERSION = 2
 CACHEABLE_REASONS = ("nan_loss", "inf_loss", "prescreen", "early_stop")
 # Settings that do not change what training computes.
 _NOT_IN_KEY = ("device", "timeout_s", "download", "data_root")

@@ -25,6 +25,8 @@ Hyperparameters (`SURROGATE_DEFAULTS`) and why:
   split_seed 0             the split is a property of the run, not of the candidate's seed.
   prescreen_steps 100,     the paper's pre-screen (best training accuracy < 0.35 fails), at a
   prescreen_min_acc 0.35   quarter of the budget: hopeless losses stop after 1/4 of the cost.
+                           It only stops a run before its last step (prescreen_steps >= steps:
+                           off; a candidate that trained fully is scored, never discarded).
   midrun_step 0 (off),     the paper's mid-run rule (training accuracy < 0.22 stops the run);
   midrun_min_acc 0.22      off by default because 400 steps are short already.
   timeout_s 0 (none)       a wall-clock guard for pathological candidates on shared machines.
@@ -292,7 +294,7 @@ def train_candidate(loss_fn: LossFn, surrogate: dict, *, seed: int = 0, device: 
     if cfg["prescreen_separate"] and cfg["prescreen_steps"] > 0:
         one = {"steps": cfg["prescreen_steps"],
                "image_size": cfg["prescreen_image_size"] or cfg["image_size"]}
-        pre = {**cfg, **one, "augment": "none", "midrun_step": 0, "_no_eval": True,
+        pre = {**cfg, **one, "augment": "none", "midrun_step": 0, "_prescreen_run": True,
                "stages": ({**cfg["stages"][0], **one},)}
         result = _seeded_run(loss_fn, splits, pre, seed, dev, False, t0)
         if result["status"] != "ok":
@@ -359,6 +361,8 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
     # The batch order depends on the seed only, so every candidate of a run sees the same batches.
     gen = torch.Generator().manual_seed(seed)
     prescreen, midrun = cfg["prescreen_steps"], cfg["midrun_step"]
+    if prescreen >= steps and not cfg.get("_prescreen_run"):
+        prescreen = 0  # at the last step it would only discard a fully trained candidate
     timeout = cfg["timeout_s"]
     events = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps}
                     | {s for s in (prescreen, midrun) if 0 < s <= steps} | set(ends))
@@ -442,7 +446,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
         if step == midrun and train_acc < cfg["midrun_min_acc"]:
             status, reason = "failed", "early_stop"
             break
-        if (step % eval_every == 0 or step == stage_end) and not cfg.get("_no_eval"):
+        if (step % eval_every == 0 or step == stage_end) and not cfg.get("_prescreen_run"):
             val = _accuracy(model, x_val, splits.y_val, fast)
             if val > best_val:
                 best_val, best_size = val, size

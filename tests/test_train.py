@@ -226,3 +226,18 @@ def test_test_split_only_with_with_test(monkeypatch):
 def test_mlp_trains_too():
     r = train_candidate(F.cross_entropy, {**SHORT, "model": "mlp"})
     assert r["status"] == "ok" and r["fitness"] > 0.5
+
+
+def test_prescreen_never_stops_the_last_step():
+    # prescreen_steps == steps: the pre-screen would only discard a fully trained candidate
+    # (issue 12); it may stop a run only before its last step.
+    r = train_candidate(_zero_gradient_loss, {"steps": 40, "prescreen_steps": 40})
+    assert (r["status"], r["reason"], r["steps"]) == ("ok", None, 40)
+    r = train_candidate(_zero_gradient_loss, {"steps": 40, "prescreen_steps": 60})
+    assert (r["status"], r["steps"]) == ("ok", 40)
+    # one step earlier it still applies; a separate pre-screen run is all pre-screen
+    r = train_candidate(_zero_gradient_loss, {"steps": 40, "prescreen_steps": 39})
+    assert (r["status"], r["reason"], r["steps"]) == ("failed", "prescreen", 39)
+    r = train_candidate(_zero_gradient_loss, {"steps": 40, "prescreen_steps": 40,
+                                              "prescreen_separate": True})
+    assert (r["status"], r["reason"], r["steps"]) == ("failed", "prescreen", 40)
