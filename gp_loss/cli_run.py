@@ -82,6 +82,23 @@ def _resolve_device(name: str) -> str:
         raise UserError(str(exc)) from None
 
 
+def config_warnings(cfg) -> list[str]:
+    """Valid settings that quietly change what a search does, one message each (the search
+    command logs them once, before the run starts)."""
+    out = []
+    sur, s = cfg.surrogate, cfg.search
+    if sur.prescreen_steps >= sur.steps and not sur.prescreen_separate:
+        out.append(f"surrogate.prescreen_steps ({sur.prescreen_steps}) >= surrogate.steps "
+                   f"({sur.steps}): the pre-screen never applies in this search (longer runs, "
+                   f"e.g. eliminate rounds, will apply it)")
+    if s.tournament > s.population:
+        wins = 1.0 - (1.0 - 1.0 / s.population) ** s.tournament  # P(best is drawn at least once)
+        out.append(f"search.tournament ({s.tournament}) > search.population ({s.population}): "
+                   f"valid (members are drawn with replacement), but the best member then wins "
+                   f"{wins:.0%} of the tournaments: selection is nearly greedy")
+    return out
+
+
 def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
     from . import report
     from .evolution import Evolution
@@ -157,11 +174,8 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     from .fitness import preflight
 
     preflight(asdict(cfg.surrogate))  # bad data/model: exit 2 before a run is created
-    sur = cfg.surrogate
-    if sur.prescreen_steps >= sur.steps and not sur.prescreen_separate:
-        log.warning("surrogate.prescreen_steps (%d) >= surrogate.steps (%d): the pre-screen never "
-                    "applies in this search (longer runs, e.g. eliminate rounds, will apply it)",
-                    sur.prescreen_steps, sur.steps)
+    for text in config_warnings(cfg):
+        log.warning("%s", text)
 
     meta = {**environment(), "device": dev, "command": "search"}
     store = RunStore.create(run_dir, config_to_dict(cfg), meta)

@@ -477,3 +477,23 @@ def test_store_errors_exit_2(runner, tmp_path):
         assert res.exit_code == 2 and setting.split("=")[0] in res.output
     with RunStore.open(existing, readonly=True) as store:
         assert store.config()["search"]["population"] == 100
+
+
+def test_config_warnings_are_logged_once_naming_the_keys(runner, tmp_path, monkeypatch):
+    # valid settings that quietly change what the search does: warn once, at the start
+    import gp_loss.cli_run as cli_run
+
+    ran = []
+    monkeypatch.setattr(cli_run, "_run_search", lambda *a, **k: ran.append(1))
+    res = runner.invoke(cli, ["search", "--run-dir", str(tmp_path / "r"), *TINY, "--set",
+                              "search.tournament=4", "--set", "surrogate.prescreen_steps=40"])
+    assert res.exit_code == 0, res.output
+    assert ran == [1]
+    warned = [ln for ln in res.stderr.splitlines() if "search.tournament" in ln]
+    assert len(warned) == 1, res.stderr
+    assert "search.tournament (4) > search.population (3)" in warned[0]
+    assert sum("surrogate.prescreen_steps (40) >= surrogate.steps (40)" in ln
+               for ln in res.stderr.splitlines()) == 1
+    quiet = runner.invoke(cli, ["search", "--run-dir", str(tmp_path / "q"), *TINY])
+    assert quiet.exit_code == 0 and "search.tournament" not in quiet.stderr
+    assert "prescreen_steps" not in quiet.stderr
