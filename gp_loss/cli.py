@@ -11,7 +11,9 @@ first time the group lists or looks up a command; such a module registers its co
 Exit codes (DESIGN §7), the same for every command:
 0 success; 1 a negative answer (``check`` rejected, ``same`` different); 2 bad input or usage --
 one short line on stderr, never a traceback; 3 an internal error -- one short line naming the
-file where the full traceback was written.
+file where the full traceback was written. A closed standard output (``gp-loss show RUN | head
+-1``) ends any command quietly with exit 0, as a Unix filter stops when its reader has gone; a
+broken pipe anywhere else is an internal error.
 """
 from __future__ import annotations
 
@@ -82,6 +84,42 @@ def translate(exc: Exception) -> click.ClickException:
     return InternalError(f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); {where}")
 
 
+def stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``gp-loss ... | head -1``)."""
+    stream = sys.stdout
+    try:
+        stream.flush()  # what a failed write left in the buffer fails again
+    except BrokenPipeError:
+        return True
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:  # an empty buffer: ask the descriptor (an error = no reader; POSIX only)
+        import select
+
+        poller = select.poll()
+        poller.register(stream.fileno(), 0)  # errors and hang-ups are always reported
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no descriptor (a test's buffer), no poll
+        return False
+
+
+def end_if_stdout_closed(exc: BaseException) -> None:
+    """A BrokenPipeError from a closed standard output ends the command: exit 0, no message
+    (the reader has what it wanted). Standard output is pointed at the null device so that the
+    interpreter's last flush is quiet too. Any other exception returns to the caller."""
+    if not isinstance(exc, BrokenPipeError) or not stdout_closed():
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+    raise click.exceptions.Exit(0)
+
+
 def _one_line(text: str, limit: int = 380) -> str:
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first if len(first) <= limit else first[:limit - 3] + "..."
@@ -114,12 +152,20 @@ class Group(click.Group):
         _load_extensions()
         return super().get_command(ctx, name)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # --help and --version print while the command line is parsed
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except BrokenPipeError as exc:
+            end_if_stdout_closed(exc)
+            raise
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
+            end_if_stdout_closed(exc)
             raise translate(exc) from exc
 
 
@@ -317,6 +363,10 @@ def main(argv=None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # raised outside a command (e.g. while loading an extension)
+        try:
+            end_if_stdout_closed(exc)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
         err = translate(exc)
         err.show()
         sys.exit(err.exit_code)

@@ -253,6 +253,57 @@ def test_main_exit_codes(monkeypatch):
     assert info.value.code == 3
 
 
+# ----------------------------------------------------------------------------- closed stdout
+
+@pytest.fixture
+def closed_pipe():
+    """A text stream on a pipe whose reader has gone (``gp-loss ... | head -0``)."""
+    import os
+    r, w = os.pipe()
+    os.close(r)
+    stream = open(w, "w", encoding="utf-8")
+    yield stream
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("argv", [["same", "ce", "ce"], ["check", "ce"], ["--version"],
+                                  ["check", "--help"]])
+def test_closed_stdout_ends_quietly(closed_pipe, capsys, monkeypatch, argv):
+    monkeypatch.setattr(sys, "stdout", closed_pipe)  # here: capsys swaps it when the test starts
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code in (0, None), argv
+    assert capsys.readouterr().err == ""
+    closed_pipe.write("late output\n")
+    closed_pipe.flush()  # as the interpreter's last flush: quiet too (stdout is now /dev/null)
+
+
+def test_broken_pipe_elsewhere_is_still_an_internal_error(run, monkeypatch):
+    # e.g. a worker's pipe: only a closed standard output ends a command quietly
+    from gp_loss import screen
+
+    def boom(*_args, **_kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(screen, "screen", boom)
+    result = run("check", "ce")
+    assert result.exit_code == 3 and "internal error (BrokenPipeError" in result.stderr
+
+
+def test_closed_stdout_subprocess():
+    import os
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes a byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gp_loss", "check", "ce"], stdout=w,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(w)
+    assert (proc.returncode, proc.stderr.decode()) == (0, "")
+
+
 # ----------------------------------------------------------------------------- the group
 
 def test_help_of_every_command_has_an_example(run):
