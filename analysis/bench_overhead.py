@@ -1,6 +1,6 @@
 """P1 + P8: what the search engine costs besides training, on the default config.
 
-Fed by: the package and ``search_runs/quick.toml`` (the CPU default: digits, tinycnn, process
+Fed by: the package and ``search_runs/quick.toml`` (the CPU default: digits, tiny, process
 executor with 2 workers), with a reduced budget (``--children``, ``--initial``) so that it
 finishes in a few minutes. Run by ``make bench`` from the repo root:
 

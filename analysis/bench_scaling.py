@@ -1,6 +1,6 @@
 """P5: candidates per hour with 2 workers vs 1 (process pool and Ray), on the same small search.
 
-Fed by: the package and ``search_runs/quick.toml`` (digits, tinycnn, 300 steps), run as the
+Fed by: the package and ``search_runs/quick.toml`` (digits, tiny, 300 steps), run as the
 initial phase of a search only (``search.children=0``, no reference): the initial candidates
 depend on ``search.seed`` and the birth number alone, so the 1-worker and the 2-worker runs
 train exactly the same candidates and their throughputs compare like with like (children would

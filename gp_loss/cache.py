@@ -4,9 +4,9 @@ A search trains thousands of candidates, and later searches with the same evalua
 meet many of the same losses again (the same canonical key: the same function of y and p). This
 SQLite file (WAL; several drivers may use it at once) maps a digest of
 
-    canonical key + sign, the surrogate config (all keys that change training), the seed,
-    the device type and compute dtype, the torch thread count, the primitive set's source,
-    and the torch / gp-loss versions
+    canonical key + sign, the surrogate config (all keys that change training; a model's old
+    name counts as its current one), the seed, the device type and compute dtype, the torch
+    thread count, the primitive set's source, and the torch / gp-loss versions
 
 to the result the evaluation returned. Only the driver reads and writes it (workers never see
 it), right before submitting and right after a result arrives. Only results that are a property
@@ -27,6 +27,8 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+
+from .config import MODEL_ALIASES
 
 log = logging.getLogger("gp_loss.cache")
 
@@ -54,6 +56,8 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
     amp = surrogate.get("amp", "auto")
     dtype = ("bfloat16" if dev.startswith("cuda") and (amp == "bf16" or (
         amp == "auto" and torch.cuda.is_bf16_supported())) else "float32")
+    if surrogate.get("model") in MODEL_ALIASES:  # "tinycnn" and "tiny" are one model
+        surrogate = {**surrogate, "model": MODEL_ALIASES[surrogate["model"]]}
     blob = {"surrogate": {k: v for k, v in sorted(surrogate.items()) if k not in _NOT_IN_KEY},
             "seed": seed, "device_type": dev.split(":")[0], "dtype": dtype,
             "threads": threads if dev == "cpu" else None,

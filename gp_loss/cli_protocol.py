@@ -97,7 +97,7 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
 
     \b
     Examples:
-      gp-loss compare --loss baikal --dataset digits --model tinycnn --seeds 3
+      gp-loss compare --loss baikal --dataset digits --model tiny --seeds 3
       gp-loss compare --from-run runs/quick --top 3 --augment none --augment flipcrop --json
       gp-loss compare --loss baikal --cell model=resnet9v2 --cell dataset=digits \\
           --cell train_fraction=0.1 --seeds 10

@@ -307,7 +307,7 @@ def plot(run_dir, out_dir, top, dpi):
 @click.option("--loss", "loss", required=True, metavar="EXPR|ZOO_NAME",
               help="The loss to train with, e.g. ce or 'sub(div(y, p), log(p))'.")
 @click.option("--dataset", default=None, help="Dataset (default: the config's; digits).")
-@click.option("--model", default=None, help="Model (default: the config's; tinycnn).")
+@click.option("--model", default=None, help="Model (default: the config's; tiny).")
 @seed_options(default=1)
 @config_option()
 @_set_option()

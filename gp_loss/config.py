@@ -4,7 +4,9 @@ Fed by a TOML file (``search_runs/*.toml`` or a user's own) and by ``--set SECTI
 strings from the command line; feeds every other module (the evolution loop reads ``search``,
 workers receive ``config_to_dict(cfg)["surrogate"]``, the executor factory reads ``executor``).
 The run store records ``config_to_dict(cfg)`` and ``resume`` rebuilds the config with
-``config_from_dict``; the round trip is exact.
+``config_from_dict``; the round trip is exact. Old model names are read as the current ones
+(``MODEL_ALIASES``: ``tinycnn`` is ``tiny``), so a run stored under an old name resumes as the
+same config.
 
 Layering (later wins): dataclass defaults < config file < each ``--set`` in order. Every
 problem is reported as one ``ConfigError`` (a ``ValueError``) with a one-line message naming the
@@ -36,6 +38,9 @@ EXECUTOR_KINDS = ("serial", "process", "ray")
 # by the surrogate before the population is chosen.
 INITIAL_FITNESS_KINDS = ("surrogate", "cheap")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Old model names -> the name models.py builds (models.ALIASES is this table). A config says
+# the current name, so "tinycnn" and "tiny" are one model: one cache key, one label.
+MODEL_ALIASES: dict[str, str] = {"tinycnn": "tiny"}
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -174,7 +179,7 @@ class SurrogateConfig:
     SECTION: typing.ClassVar[str] = "surrogate"
     dataset: str = "digits"
     data_root: str = ""  # where downloadable datasets live; "" = the library's default
-    model: str = "tinycnn"
+    model: str = "tiny"  # an old name (MODEL_ALIASES) is read as its current one
     steps: int = 400
     batch_size: int = 64
     lr: float = 2e-3
@@ -216,6 +221,7 @@ class SurrogateConfig:
         _check(self.amp in ("auto", "bf16", "off"), f"{s}.amp", "must be auto, bf16 or off")
         _check(self.dataset.strip() != "", f"{s}.dataset", "must name a dataset")
         _check(self.model.strip() != "", f"{s}.model", "must name a model")
+        object.__setattr__(self, "model", MODEL_ALIASES.get(self.model, self.model))
         _check(self.steps >= 1, f"{s}.steps", "must be >= 1")
         _check(self.batch_size >= 1, f"{s}.batch_size", "must be >= 1")
         _check(self.lr > 0, f"{s}.lr", "must be > 0")

@@ -28,6 +28,7 @@ import logging
 import statistics
 from typing import Callable, Sequence
 
+from .config import MODEL_ALIASES
 from .protocol import InputError, run_jobs
 
 log = logging.getLogger("gp_loss")
@@ -76,12 +77,14 @@ def resolve_rounds(table: dict | None, surrogate: dict) -> list[Round]:
     factors = per_round("steps_factor", lambda x: isinstance(x, (int, float)) and x > 0,
                         "positive numbers")
     models = per_round("model", lambda x: isinstance(x, str) and x.strip(), "model names")
+    models = [MODEL_ALIASES.get(m, m)  # an old name ("tinycnn") is the current one
+              for m in (m or surrogate["model"] for m in models)]
     seeds = per_round("seeds", _pos_int, "positive integers (seed counts)")
     s0 = int(surrogate.get("seed", 0))
     return [Round(i + 1, keep[i], keep[i + 1] if i + 1 < n else keep[i],
                   sum(st["steps"] for st in stages[:i + 1]) if stages else
                   int(steps[i] or max(1, round(factors[i] * surrogate["steps"]))),
-                  models[i] or surrogate["model"], tuple(range(s0, s0 + (seeds[i] or 1))),
+                  models[i], tuple(range(s0, s0 + (seeds[i] or 1))),
                   tuple(stages[:i + 1]))
             for i in range(n)]
 

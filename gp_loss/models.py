@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MODEL_ALIASES
+
 __all__ = ["MODELS", "ALIASES", "build_model", "ResNet9V2"]
 
 
@@ -219,8 +221,9 @@ _BUILDERS: dict[str, _Builder] = {
     "efficientnet_v2_s": _efficientnet_v2_s,
 }
 
-# Old names still accepted (quick.toml and stored runs say "tinycnn").
-ALIASES: dict[str, str] = {"tinycnn": "tiny"}
+# Old names still accepted (runs stored before "tiny" may say "tinycnn"); the table lives in
+# config.py, which reads a config's model under its current name.
+ALIASES: dict[str, str] = MODEL_ALIASES
 
 MODELS: list[str] = list(_BUILDERS)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import statistics
 
+from .config import MODEL_ALIASES
 from .psets import load_pset
 from .store import SEARCH_PHASES, RunStore
 from .trees import parse
@@ -136,6 +137,7 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
     elimination = stored_rounds(store)
     for m in (m for r in elimination or [] for m in r["members"]):
         m["formula"] = m["formula"] or formula(m["expr"])
+    model = cfg["surrogate"]["model"]
     return {
         "top": top_rows,
         "pareto": pareto,
@@ -160,7 +162,8 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
         "reference": refs,
         "state": {k: state.get(k) for k in ("phase", "children_done", "next_birth")},
         "config": {"pset": pset.name, "dataset": cfg["surrogate"]["dataset"],
-                   "model": cfg["surrogate"]["model"], "steps": cfg["surrogate"]["steps"],
+                   "model": MODEL_ALIASES.get(model, model),  # an old run's "tinycnn": tiny
+                   "steps": cfg["surrogate"]["steps"],
                    "children": cfg["search"]["children"],
                    "population": cfg["search"]["population"]},
         "elimination": elimination,

@@ -13,7 +13,7 @@ gain from more, and spinning OpenMP threads slow everything on a shared 2-core m
 
 Hyperparameters (`SURROGATE_DEFAULTS`) and why:
 
-  dataset "digits", model "tinycnn"  real data, ~1.3 s per candidate on one CPU thread.
+  dataset "digits", model "tiny"  real data, ~1.3 s per candidate on one CPU thread.
   steps 400                ~21 epochs of digits at batch 64: cross-entropy reaches ~0.97 val
                            accuracy (best of the run), short of saturation, so losses that
                            learn more slowly still score lower.
@@ -80,7 +80,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SURROGATE_DEFAULTS: dict = {
     "dataset": "digits",
     "data_root": "",
-    "model": "tinycnn",
+    "model": "tiny",
     "steps": 400,
     "batch_size": 64,
     "lr": 2e-3,

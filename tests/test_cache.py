@@ -7,7 +7,7 @@ import pytest
 
 import gp_loss.evolution as evo
 from gp_loss.cache import FitnessCache, settings_digest
-from gp_loss.config import Config, apply_overrides
+from gp_loss.config import Config, apply_overrides, config_to_dict
 
 from test_search import FakeEvaluate, table
 
@@ -109,3 +109,11 @@ def test_a_set_edited_in_place_does_not_meet_its_old_results(tmp_path):
     before = settings_digest(sur, 0, 1, str(path))
     path.write_text("b")
     assert settings_digest(sur, 0, 1, str(path)) != before
+
+
+def test_tiny_and_tinycnn_share_a_cache_key():
+    sur = config_to_dict(Config())["surrogate"]
+    assert settings_digest({**sur, "model": "tinycnn"}, 0, 1, "x") == \
+        settings_digest({**sur, "model": "tiny"}, 0, 1, "x")
+    assert settings_digest({**sur, "model": "mlp"}, 0, 1, "x") != \
+        settings_digest({**sur, "model": "tiny"}, 0, 1, "x")

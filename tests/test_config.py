@@ -17,7 +17,7 @@ def test_defaults_are_valid_and_surrogate_defaults_are_the_documented_ones():
     cfg = Config()
     assert config_from_dict({}) == cfg
     assert dataclasses.asdict(SurrogateConfig()) == {
-        "dataset": "digits", "data_root": "", "model": "tinycnn", "steps": 400,
+        "dataset": "digits", "data_root": "", "model": "tiny", "steps": 400,
         "batch_size": 64, "lr": 2e-3, "warmup_fraction": 0.1, "eval_every": 0,
         "train_fraction": 1.0, "val_fraction": 0.15, "test_fraction": 0.15, "split_seed": 0,
         "seed": 0, "prescreen_steps": 100, "prescreen_min_acc": 0.35, "midrun_step": 0,
@@ -53,6 +53,24 @@ def test_builtin_configs_load_and_validate():
         (32, "none", 128, 8000, "resnet9v2")
     assert (cheap.prescreen_separate, cheap.prescreen_steps, cheap.prescreen_min_acc) == \
         (False, 600, 0.35)
+
+
+def test_one_name_for_the_cpu_model():
+    # `tiny` everywhere; `tinycnn` (the old name) is read as `tiny`, so both configs are
+    # the same config: one cache key, one label
+    quick = load_config(None)
+    assert quick.surrogate.model == SurrogateConfig().model == "tiny"
+    old = load_config(None, ["surrogate.model=tinycnn"])
+    assert old == quick and config_to_dict(old)["surrogate"]["model"] == "tiny"
+    stored = config_to_dict(quick)
+    stored["surrogate"]["model"] = "tinycnn"
+    assert config_from_dict(stored) == quick
+    cheap = load_config(None, ["search.initial_fitness=cheap",
+                               "search.initial_surrogate.model=tinycnn"])
+    assert cheap.initial_surrogate().model == "tiny"
+    assert load_config(None, ["surrogate.model=mlp"]).surrogate.model == "mlp"
+    for path in sorted((REPO / "search_runs").glob("*.toml")):
+        assert "tinycnn" not in path.read_text(encoding="utf-8"), path.name
 
 
 def test_initial_surrogate_overrides_are_checked_and_only_apply_when_cheap():

@@ -134,15 +134,14 @@ def test_failed_runs_are_reported_and_excluded():
 
 def test_compare_digits_two_losses_two_seeds(run, tmp_path):
     from gp_loss.cli_protocol import format_compare
-    model = "tiny" if "tiny" in __import__("gp_loss.models", fromlist=["MODELS"]).MODELS else "tinycnn"
     md = tmp_path / "table.md"
-    r = run("compare", "--loss", "ce", "--loss", "baikal", "--dataset", "digits", "--model", model,
+    r = run("compare", "--loss", "ce", "--loss", "baikal", "--dataset", "digits", "--model", "tiny",
             "--seeds", 2, "--json", "--markdown", md, *TINY)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert [l["name"] for l in res["losses"]] == ["ce", "baikal"]  # ce not duplicated
     (cell,) = res["cells"]
-    assert (cell["dataset"], cell["model"], cell["augment"]) == ("digits", model, "none")
+    assert (cell["dataset"], cell["model"], cell["augment"]) == ("digits", "tiny", "none")
     for name in ("ce", "baikal"):
         e = cell["results"][name]
         assert [r["seed"] for r in e["runs"]] == [0, 1]
@@ -230,6 +229,8 @@ def test_rounds_defaults_and_validation():
     r = protocol.resolve_rounds(None, sur)
     assert [(x.size, x.keep, x.steps) for x in r] == [(25, 12, 100), (12, 6, 200), (6, 4, 300),
                                                        (4, 4, 400)]
+    assert {x.model for x in r} == {"tiny"}  # the old name "tinycnn" is the current one
+    assert protocol.resolve_rounds({"keep": [2], "model": "tinycnn"}, sur)[0].model == "tiny"
     r = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1, 3], "model": "mlp"}, sur)
     assert [(x.steps, x.model, x.seeds) for x in r] == [(100, "mlp", (0,)), (200, "mlp", (0, 1, 2))]
     for bad in ({"keep": [2, 4]}, {"keep": []}, {"keep": [3, 2], "steps": [1, 2, 3]},

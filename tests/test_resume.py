@@ -121,6 +121,31 @@ def test_interrupted_cheap_seeding_resumes_exactly(tmp_path, monkeypatch):
     assert table(run_dir) == expected
 
 
+def test_an_old_run_whose_config_says_tinycnn_resumes_as_tiny(tmp_path, monkeypatch):
+    # Runs stored before `tiny` became the one name say "tinycnn" (models.ALIASES): `resume`
+    # reads the model as "tiny" and finishes the run exactly as an uninterrupted one.
+    baseline = tmp_path / "base"
+    assert run_interrupted(baseline, (), monkeypatch)[0] == 0
+    expected = table(baseline)
+    run_dir = tmp_path / "old"
+    run_interrupted(run_dir, (), monkeypatch, ["search.children=0"])
+    with RunStore.open(run_dir) as store:
+        old = store.config()
+        assert old["surrogate"]["model"] == "tiny"
+        old["surrogate"]["model"] = "tinycnn"
+        store.set_meta("config", old)
+        from gp_loss import report
+
+        assert report.summary(store, 0, formulas=False)["config"]["model"] == "tiny"  # show
+    monkeypatch.setattr(evo, "evaluate", InterruptingEvaluate())
+    res = CliRunner().invoke(cli, ["-q", "resume", str(run_dir), "--set", "search.children=16"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    with RunStore.open(run_dir, readonly=True) as store:
+        assert store.config()["surrogate"]["model"] == "tiny"
+    assert table(run_dir) == expected
+
+
 def test_interrupted_serial_runs_resume_exactly(tmp_path, monkeypatch):
     baseline = tmp_path / "base"
     assert run_interrupted(baseline, (), monkeypatch)[0] == 0

@@ -417,6 +417,7 @@ def test_train_json_fields(runner):
                  "--set", "surrogate.steps=40", "--set", "surrogate.prescreen_steps=20")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
+    assert (out["dataset"], out["model"], out["steps"]) == ("digits", "tiny", 40)
     assert [r["seed"] for r in out["runs"]] == [0, 1]
     for r in out["runs"]:
         assert {"seed", "val_acc", "test_acc", "seconds"} <= set(r)
@@ -496,4 +497,5 @@ def test_config_warnings_are_logged_once_naming_the_keys(runner, tmp_path, monke
                for ln in res.stderr.splitlines()) == 1
     quiet = runner.invoke(cli, ["search", "--run-dir", str(tmp_path / "q"), *TINY])
     assert quiet.exit_code == 0 and "search.tournament" not in quiet.stderr
+    assert "paper set, digits/tiny, 5 initial" in quiet.stderr  # the header: one model name
     assert "prescreen_steps" not in quiet.stderr
