@@ -399,8 +399,9 @@ def builtin_config_path(name: str) -> Path:
     filename = name if name.endswith(".toml") else f"{name}.toml"
     entry = resources.files("search_runs").joinpath(filename)
     if not entry.is_file():
-        raise ConfigError(f"no built-in config {name!r}; built-ins are "
-                          f"{', '.join(builtin_config_names()) or 'none'}")
+        names = builtin_config_names() + builtin_config_names("eliminate")
+        raise ConfigError(f"no built-in config {name!r}{_suggest(name.removesuffix('.toml'), names)}"
+                          f"; built-ins are {', '.join(names) or 'none'}")
     return Path(str(entry))
 
 
@@ -427,7 +428,10 @@ def load_config(path: str | Path | None = None,
                     builtin_config_names():
                 file = builtin_config_path(bare)
             else:
-                raise ConfigError(f"config file not found: {path}")
+                names = builtin_config_names()
+                stem = Path(bare).name.removesuffix(".toml")
+                raise ConfigError(f"config file not found: {path}{_suggest(stem, names)}; "
+                                  f"built-in configs: {', '.join(names) or 'none'}")
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

@@ -185,5 +185,21 @@ def test_file_errors(tmp_path):
         builtin_config_path("nope")
 
 
+def test_a_missing_config_lists_the_built_ins_and_suggests_the_close_one():
+    with pytest.raises(ConfigError) as err:
+        load_config("paperr")
+    msg = str(err.value)
+    assert "not found: paperr" in msg and "did you mean 'paper'?" in msg
+    assert f"built-in configs: {', '.join(builtin_config_names())}" in msg
+    assert "paper_eliminate" not in msg  # elimination settings are not search configs
+    with pytest.raises(ConfigError, match=r"not found: quik\.toml \(did you mean 'quick'\?\)"):
+        load_config("quik.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config("zzz")
+    assert "did you mean" not in str(err.value) and "built-in configs: " in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean 'mnist5k'"):
+        builtin_config_path("mnist5")
+
+
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)

@@ -442,6 +442,13 @@ def test_bad_config_exits_2_naming_the_key(runner, tmp_path, setting, key):
     assert not RunStore.exists(tmp_path / "r")
 
 
+def test_a_misspelt_built_in_config_exits_2_with_the_close_match(runner, tmp_path):
+    res = runner.invoke(cli, ["search", "paperr", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "did you mean 'paper'?" in res.stderr and "quick" in res.stderr
+    assert not RunStore.exists(tmp_path / "r")
+
+
 def test_bad_config_file_exits_2(runner, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[search]\npopulation = 'many'\n")
