@@ -400,8 +400,9 @@ def builtin_config_path(name: str) -> Path:
     entry = resources.files("search_runs").joinpath(filename)
     if not entry.is_file():
         names = builtin_config_names() + builtin_config_names("eliminate")
-        raise ConfigError(f"no built-in config {name!r}{_suggest(name.removesuffix('.toml'), names)}"
-                          f"; built-ins are {', '.join(names) or 'none'}")
+        close = _suggest(name.removesuffix(".toml"), names)
+        raise ConfigError(f"no built-in config {name!r}{close}; built-ins are "
+                          f"{', '.join(names) or 'none'}")
     return Path(str(entry))
 
 
