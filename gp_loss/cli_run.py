@@ -319,6 +319,9 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
           pset, as_json):
     """Train the surrogate with one loss over several seeds; report test accuracy.
 
+    The text output names the loss, the dataset, model, steps and device first, then one line
+    per seed and the mean test accuracy.
+
     Test accuracy is measured at the checkpoint with the best validation accuracy (the test
     split is never used to choose). The sign comes from the integrity check (+1 if rejected).
 
@@ -349,6 +352,10 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     preflight(surrogate)
     _set_threads(cfg.executor.threads)
     text = to_text(tree, ps)
+    if not as_json:
+        click.echo(f"training {text} (sign {sign:+d}) on {cfg.surrogate.dataset} / "
+                   f"{cfg.surrogate.model}, {cfg.surrogate.steps} steps, device "
+                   f"{surrogate['device']}")
     runs = []
     for seed in range(first_seed, first_seed + seeds):
         res = evaluate(text, ps.source, surrogate, seed=seed, sign=sign, with_test=True)

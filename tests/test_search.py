@@ -427,6 +427,16 @@ def test_train_json_fields(runner):
     assert out["test_acc_std"] >= 0
 
 
+def test_train_text_names_the_dataset_model_and_steps(runner):
+    res = invoke(runner, "train", "--loss", "ce", "--set", "surrogate.steps=30",
+                 "--set", "surrogate.prescreen_steps=0", "--set", "surrogate.model=tinycnn",
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    first, *rest = res.stdout.splitlines()
+    assert first == "training neg(mul(y, log(p))) (sign +1) on digits / tiny, 30 steps, device cpu"
+    assert rest[0].startswith("seed 0: val_acc ") and rest[-1].startswith("test_acc ")
+
+
 # --------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("setting, key", [
