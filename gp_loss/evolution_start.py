@@ -6,7 +6,7 @@ steady state, as a mixin of ``evolution.Evolution`` (which holds the state they 
   random screened candidates are scored by the cheaper initial surrogate, then the best
   ``search.rescore`` are re-scored by the surrogate; otherwise the random candidates are scored
   by the surrogate directly. The population is the best ``search.population`` of the phase
-  ``initial`` rows, all equally old.
+  ``initial`` rows that trained, all equally old (``initial_population``, which ``plot`` uses).
 * ``reeval``: with ``search.reeval_seeds > 1``, a member that survived ``reeval_after`` births
   is trained with more seeds and its fitness becomes the mean (a failed seed counts 0).
 
@@ -46,6 +46,15 @@ class Cand:
 
 class SearchStopped(Exception):
     pass
+
+
+def initial_population(rows, population: int) -> list[dict]:
+    """The initial population among stored rows: the best ``population`` phase-``initial``
+    rows that trained (fitness descending, then lowest id), fewer when fewer trained (the rest
+    failed, e.g. the pre-screen). The one rule for the search, its log line and ``plot``."""
+    ok = [r for r in rows if r["phase"] == "initial" and r["status"] in ("evaluated", "reused")]
+    ok.sort(key=lambda r: (-r["fitness"], r["id"]))
+    return ok[:population]
 
 
 class StartPhases:
@@ -134,12 +143,10 @@ class StartPhases:
 
     def _select_initial(self):
         """End of the initial phase: the best `population` successes, all equally old."""
-        rows = [r for r in self.store.candidates(phase="initial")
-                if r["status"] in ("evaluated", "reused")]
-        if not rows:
+        keep = initial_population(self.store.candidates(phase="initial"),
+                                  self.cfg.search.population)
+        if not keep:
             raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
-        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
-        keep = rows[:self.cfg.search.population]
         with self.store.transaction():
             self.store.replace_population([(r["id"], 0) for r in keep])
             self.phase = "evolve"
@@ -148,7 +155,7 @@ class StartPhases:
                                                 self.screen.NoveltyIndex(), {})
         self.members = {}
         self._load()
-        log.info("initial population: %d members, best fitness %.4f", len(self.members),
+        log.info("initial population: %d members, best fitness %.4f", len(keep),
                  keep[0]["fitness"])
 
     def _promote(self, n: int):

@@ -1,8 +1,10 @@
 """Pictures of a run for ``gp-loss plot``: PNG files drawn with matplotlib (Agg, no display).
 
 Fed by a read-only run store (``store.RunStore``) through ``report`` (the search's evaluated
-rows with their sizes, the Pareto front, how each row was found), ``screen``'s integrity sweep
-and ``codegen.compile_loss`` (the curves are of the printer's compiled per-sample loss, i.e. of
+rows with their sizes, the Pareto front, how each row was found), the search's own rule for
+its initial population (``evolution_start.initial_population``: the progress plot's replay and
+legend count what the search logged), ``screen``'s integrity sweep and
+``codegen.compile_loss`` (the curves are of the printer's compiled per-sample loss, i.e. of
 what trained), and DEAP's ``gp.graph`` for the trees, drawn with networkx on a hierarchical
 layout computed here (no graphviz). Each ``*_figure`` function returns its matplotlib
 ``Figure`` so that tests can count the series; ``write_all`` writes them all and returns the
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import InputError
+from .evolution_start import initial_population
 from .psets import load_pset
 from .report import evaluated_rows, how_found, pareto_front
 from .store import SEARCH_PHASES, RunStore
@@ -88,17 +91,16 @@ def _label(row) -> str:
 
 def population_medians(search_rows, population: int) -> list[tuple[int, float]]:
     """Replay the population over the search rows in id order: once the initial rows are
-    done, the best ``population`` successes (equally old); then every successful child joins
-    and the oldest leaves (ties: lowest fitness, then lowest id), as ``evolution`` does.
+    done, the search's initial population (``evolution_start.initial_population``: the best
+    ``population`` successes, equally old); then every successful child joins and the oldest
+    leaves (ties: lowest fitness, then lowest id), as ``evolution`` does.
     Returns (evaluation number, population median) from that point on. Id order is the
     order results arrived for a serial run; with several workers it approximates it."""
-    out, members = [], []
+    out = []
     children_from = next((i for i, r in enumerate(search_rows) if r["phase"] == "child"),
                          len(search_rows))
-    initial = [r for r in search_rows[:children_from] if r["status"] != "failed"
-               and r["fitness"] is not None]
-    initial.sort(key=lambda r: (-r["fitness"], r["id"]))
-    members = [(0, r["fitness"], r["id"]) for r in initial[:population]]
+    members = [(0, r["fitness"], r["id"])
+               for r in initial_population(search_rows[:children_from], population)]
     if members:
         out.append((children_from, statistics.median(m[1] for m in members)))
     for i, r in enumerate(search_rows[children_from:], children_from + 1):
@@ -133,8 +135,11 @@ def progress_figure(run: Run):
         ys.append(best)
     ax.step(xs, ys, where="post", color="black", linewidth=1.5, label="best so far")
     med = population_medians(run.search, run.population)
+    n0 = len(initial_population(run.search, run.population))  # = the search's log line
+    size = (f"{n0} members" if n0 == run.population else
+            f"{n0} initial member{'' if n0 == 1 else 's'}, at most {run.population}")
     ax.plot([x for x, _ in med], [m for _, m in med], color="tab:orange", linewidth=1.5,
-            label=f"population median (replayed, {run.population} members)")
+            label=f"population median (replayed, {size})")
     _references(ax, run)
     n_init = sum(r["phase"] == "initial" for r in run.search)
     if n_init and n_init < len(run.search):

@@ -331,6 +331,46 @@ def test_population_median_replays_insert_and_age_out():
     assert population_medians(rows, 2) == [(4, 0.4), (5, 0.7), (6, 0.7), (7, 0.55)]
 
 
+def test_progress_legend_counts_the_population_the_search_logged(tmp_path, monkeypatch):
+    # 3 of 6 initial candidates fail (as with the pre-screen): the search logs "3 members"
+    # and progress.png's legend says the same, not the configured population of 6
+    import logging
+
+    from gp_loss import plots
+
+    class FailSome(FakeEvaluate):
+        def __call__(self, expr, *args, **kwargs):
+            res = super().__call__(expr, *args, **kwargs)
+            if self.calls in (1, 3, 5):
+                return {**res, "status": "failed", "reason": "prescreen", "fitness": 0.0}
+            return res
+
+    cfg = apply_overrides(Config(), [
+        "executor.kind=serial", "search.reference=[]", "surrogate.steps=100",
+        "search.initial=6", "search.population=6", "search.tournament=2", "search.children=3"])
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("gp_loss.search")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (setLevel: the logger caches what is enabled)
+    logger.addHandler(handler)
+    monkeypatch.setattr(evo, "evaluate", FailSome())
+    store = evo.start_run(tmp_path / "run", cfg)
+    try:
+        assert evo.Evolution(store, cfg).run()["stop_reason"] == "finished"
+    finally:
+        store.close()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    logged = [m for m in records if m.startswith("initial population:")]
+    assert len(logged) == 1 and logged[0].startswith("initial population: 3 members"), records
+    (ax,) = plots.progress_figure(plots.load_run(tmp_path / "run")).axes
+    (label,) = [ln.get_label() for ln in ax.get_lines()
+                if ln.get_label().startswith("population median")]
+    assert "3 initial members" in label and "6 members" not in label, label
+
+
 # ----------------------------------------------------------------------------- export
 
 def test_export_top3_round_trips_value_and_gradient(run_dir, tmp_path, invoke):
