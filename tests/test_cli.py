@@ -292,13 +292,14 @@ def test_broken_pipe_elsewhere_is_still_an_internal_error(run, monkeypatch):
     assert result.exit_code == 3 and "internal error (BrokenPipeError" in result.stderr
 
 
-def test_closed_stdout_subprocess():
+def test_closed_stdout_subprocess(tmp_path):
     import os
     r, w = os.pipe()
     os.close(r)  # the reader is gone before the command writes a byte
     try:
         proc = subprocess.run([sys.executable, "-m", "gp_loss", "check", "ce"], stdout=w,
-                              stderr=subprocess.PIPE, timeout=120)
+                              stderr=subprocess.PIPE, timeout=120,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})  # tracebacks
     finally:
         os.close(w)
     assert (proc.returncode, proc.stderr.decode()) == (0, "")
