@@ -120,26 +120,32 @@ def same(a, b, pset="paper") -> bool:
     return bool(screen.same(_tree(a, pset), _tree(b, pset), pset))
 
 
-def simplify(expr, pset="paper", budget_s: float = 1.0) -> dict:
-    """``{'expr', 'formula', 'latex', 'key'}``: canonical text, readable simplified formula and
-    its LaTeX (time-budgeted), and the deterministic canonical key (oriented by the sign of the
-    integrity check, so two expressions that are ``same`` by algebra share it)."""
+def simplify(expr, pset="paper") -> dict:
+    """``{'expr', 'formula', 'latex', 'key', 'per_class', 'per_class_reason'}``: canonical
+    text, the readable formula and its LaTeX (equal to the loss on its domain; a pure function
+    of the expression), the deterministic canonical key (oriented by the sign of the integrity
+    check, so two expressions that are ``same`` by algebra share it), and the per-class form
+    (``T(p_t) + sum_{c != t} O(p_c)``, the expression as written: no sign applied; None with
+    the reason where the set has none). The same keys as ``gp-loss simplify --json``."""
+    from . import formula as _formula
     from . import symbolic
     from .trees import to_text as _to_text
     pset = _pset(pset)
     tree = _tree(expr, pset)
     return {
         "expr": _to_text(tree, pset),
-        "formula": symbolic.formula(tree, pset, budget_s=budget_s),
-        "latex": symbolic.latex(tree, pset, budget_s=budget_s),
+        "formula": _formula.formula(tree, pset),
+        "latex": _formula.latex(tree, pset),
         "key": symbolic.canonical_key(tree, pset, sign=sign_of(tree, pset)),
+        "per_class": _formula.per_class(tree, pset),
+        "per_class_reason": _formula.per_class_reason(pset),
     }
 
 
 def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -> str:
     """The standalone PyTorch module ``gp-loss export`` writes for one expression (imports only
     torch and math). ``sign`` None: decided by the integrity check. ``formula`` None: the
-    simplified formula (time-budgeted) goes in the docstring."""
+    simplified formula goes in the docstring."""
     from . import export as _export
     entry = _export.make_entry(expr, pset, name=name, sign=sign, formula=formula)
     return _export.render([entry], "python")

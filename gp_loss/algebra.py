@@ -37,6 +37,8 @@ def _nonneg(x) -> bool:
         return x >= 0
     if x == P or isinstance(x, (kabs, sympy.exp, ksig, kI0)):
         return True
+    if isinstance(x, _ODD_INCREASING):   # odd and increasing: >= 0 exactly where x >= 0
+        return _nonneg(x.args[0])
     if isinstance(x, kmax):
         return any(_nonneg(a) for a in x.args)
     if isinstance(x, kmin):
@@ -104,6 +106,9 @@ class _MinMax(sympy.Function):
             return a
         if a.is_Number and b.is_Number:
             return max(a, b) if cls.is_max else min(a, b)
+        for x, other in ((a, b), (b, a)):    # display only: an overflowed constant
+            if x in (sympy.oo, -sympy.oo):
+                return x if (x == sympy.oo) == cls.is_max else other
         s = _linear_unit_sign(a - b)   # p <= 1 decides e.g. max(1, p) = 1
         if not s and b == 0 and _nonneg(a):
             s = 1
@@ -137,6 +142,9 @@ def _parity_function(name, odd: bool, at_zero):
 kerf, ksin, ksinh, kasinh, katan, kI1 = (_parity_function(n, True, 0) for n in (
     "kerf", "ksin", "ksinh", "kasinh", "katan", "kI1"))
 kI0 = _parity_function("kI0", False, 1)
+# (SymPy's own sinh, tanh, atan, asinh, erf appear in display expressions.)
+_ODD_INCREASING = (kerf, ksinh, kasinh, katan, kI1, sympy.sinh, sympy.tanh, sympy.atan,
+                   sympy.asinh, sympy.erf)
 
 # The key path's forms of the ops SymPy would otherwise run assumption queries on.
 _KEY_FORMS = {

@@ -233,13 +233,19 @@ def cli(quiet: bool, verbose: bool) -> None:
 @cli.command(short_help="Print the simplified formula of an expression.")
 @click.argument("expr", metavar="EXPR")
 @pset_option()
-@json_option("expr, formula, latex, key")
+@json_option("expr, formula, latex, key, per_class, per_class_reason")
 def simplify(expr: str, pset: str, as_json: bool) -> None:
-    """Print the simplified formula of EXPR.
+    """Print the simplified formula of EXPR, and its per-class form.
 
-    With --json also the canonical expression text, the LaTeX form and the canonical key (two
-    expressions with equal keys are the same candidate). The display formula is simplified
-    under a time budget; the key is exact and deterministic.
+    The formula equals the loss on its domain (y in {0, 1}, p in [1e-4, 1 - 1e-4]): log and
+    1/x read plainly only where eps changes nothing, else as log(x + 1e-07), 1/(x + 1e-07).
+    The per-class form (paper set) is the per-sample loss as T(p_t) + sum over the other
+    classes of O(p_c), with y-only parts folded into numbers; no sign is applied.
+
+    With --json also the canonical expression text, the LaTeX form, the canonical key (two
+    expressions with equal keys are the same candidate) and per_class (target, other, their
+    LaTeX and exact forms, constant_dropped; null with per_class_reason where the set has no
+    per-class form). Everything printed is a pure function of the expression.
 
     \b
     Examples:
@@ -249,9 +255,13 @@ def simplify(expr: str, pset: str, as_json: bool) -> None:
     import gp_loss
     result = gp_loss.simplify(expr, pset)
     if as_json:
-        _echo_json({k: result[k] for k in ("expr", "formula", "latex", "key")})
+        _echo_json(result)
     else:
         click.echo(result["formula"])
+        form = result["per_class"]
+        if form is not None:
+            note = "  (an additive constant dropped)" if form["constant_dropped"] else ""
+            click.echo(f"  true class: {form['target']}\n  other classes: {form['other']}{note}")
 
 
 @cli.command(short_help="Screen an expression: exit 0 accepted, 1 rejected.")

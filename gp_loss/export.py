@@ -56,7 +56,7 @@ def default_name(expr, pset) -> str:
 
 def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) -> dict:
     """One entry from expression text or a tree; ``sign`` None: the integrity check decides;
-    ``formula`` None: the time-budgeted simplified formula."""
+    ``formula`` None: the simplified formula (``formula.formula``)."""
     pset = load_pset(pset)
     tree = parse(expr, pset) if isinstance(expr, str) else expr
     if not isinstance(tree, gp.PrimitiveTree):

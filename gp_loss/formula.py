@@ -1,59 +1,62 @@
-"""Display of a candidate: readable formula, LaTeX, the expression shown (time-budgeted).
+"""What a user reads: the formula of a loss, its LaTeX, and its per-class form.
 
-* ``display_expr(tree, pset, budget_s)`` -- ``sympy.simplify`` when the expression is small
-  (at most ``SIMPLIFY_MAX_OPS`` operations) and its result is shorter, else the raw form; under
-  a time budget (SIGALRM, main thread only), the raw form when it runs out. Cached when final.
-* ``formula`` / ``latex`` -- that expression printed. ``log``, ``div`` and ``recip`` shown there
-  are the protected forms: ln(|x| + eps), a/(b + eps), 1/(x + eps) (protected reciprocals go
-  below the fraction bar); constants with transcendental values are shown to 6 digits; the key
-  path's opaque functions are named back (``kabs`` -> abs, ``ksig`` -> sigmoid...).
+* ``display_expr(tree, pset)`` -- the SymPy expression shown: the tree with constant subtrees
+  folded (float64, protected ops included), the protected operations lowered to plain
+  mathematics where the value agrees and with their eps shown where it does not
+  (``lowering.py``), a bounded tidy-up (``factor_terms``, chosen by size), floats at the fewest
+  digits that keep it equal to the loss. Every step is bounded by expression size: the text is
+  a pure function of (expression, set, version), never of time or machine load.
+* ``formula`` / ``latex`` -- that one expression through SymPy's own printers, whose precedence
+  is right by construction; only names change (``kabs`` -> ``abs``, ``ksig`` -> ``sigmoid``,
+  ``kI0`` -> ``i0`` ...: ``FUNCTIONS`` says what each shown name means, for parsing it back).
+* ``per_class(tree, pset, sign)`` -- a ``paper`` loss per sample is T(p_t) + sum_{c != t} O(p_c)
+  with T(p) = f(1, p) and O(p) = f(0, p): each shown in the one symbol p, y-only parts folded
+  to numbers, an additive constant dropped (said so). ``None`` (with ``per_class_reason``) for
+  sets whose loss is not a class sum of y and p (the typed set's reductions).
 
-Display only: nothing here feeds a key or a decision. Fed by ``symbolic.to_sympy`` (with
-``constants='float'``) and ``primitives.py`` (``precip``); ``symbolic`` re-exports ``formula``,
-``latex`` and ``display_expr``. Used by ``simplify``/``show`` (``report.py``) and ``export``,
-for the few rows they display (the search itself stores no formulas).
+Display only: nothing here feeds a key or a decision. Fed by ``symbolic`` (tree -> SymPy) and
+``lowering``; used by ``simplify``/``show`` (``report.py``), ``eliminate`` and ``export``.
 """
 from __future__ import annotations
-
-import math
-import signal
-import threading
 
 import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from .primitives import precip
+from .algebra import P
+from .lowering import (EXACT_EPS, RTOL, Unevaluable, agree, domain, evaluate, lower,
+                       round_constants)
 from .psets import load_pset
-from .symbolic import _bad, to_sympy
+from .symbolic import _bad, _walk, to_sympy
 from .trees import to_text
 
-SIMPLIFY_MAX_OPS = 20  # display: sympy.simplify only on expressions at most this large
+TIDY_MAX_OPS = 60   # factor_terms is tried on shown expressions at most this large
+
+# Shown name -> what it means, as SymPy: ``sympy.parse_expr(text, local_dict=FUNCTIONS)``
+# reads a shown formula back (the README lists these names).
+FUNCTIONS = {
+    "abs": sympy.Abs, "max": sympy.Max, "min": sympy.Min,
+    "sigmoid": sympy.Lambda(sympy.Symbol("x"), 1 / (1 + sympy.exp(-sympy.Symbol("x")))),
+    "i0": sympy.Lambda(sympy.Symbol("x"), sympy.besseli(0, sympy.Symbol("x"))),
+    "i1": sympy.Lambda(sympy.Symbol("x"), sympy.besseli(1, sympy.Symbol("x"))),
+}
+_NAMES = {"kabs": "abs", "kmax": "max", "kmin": "min", "ksig": "sigmoid", "kI0": "i0",
+          "kI1": "i1", "csum": "sum"}
+_LATEX = {"kabs": r"\left|%s\right|", "kmax": r"\max\left(%s\right)",
+          "kmin": r"\min\left(%s\right)", "ksig": r"\sigma\left(%s\right)",
+          "kI0": r"I_{0}\left(%s\right)", "kI1": r"I_{1}\left(%s\right)",
+          "csum": r"\sum_{c} \left(%s\right)"}
 
 
-def _precip_split(expr):
-    """Numerator and denominator of a product whose protected reciprocals go below the bar."""
-    num, den = [], []
-    for f in expr.as_ordered_factors():
-        if isinstance(f, precip):
-            den.append(f.args[0])
-        elif f.is_Pow and isinstance(f.base, precip) and f.exp.is_Integer and f.exp > 0:
-            den.append(f.base.args[0] ** f.exp)
-        else:
-            num.append(f)
-    return num, den
-
-
-_NAMES = {"kabs": "abs", "kmax": "max", "kmin": "min", "ksig": "sigmoid", "kI0": "i0", "kI1": "i1",
-          "csum": "sum", "class_sum": "sum"}
+def _float_text(value: float) -> str:
+    """The shortest text that reads back as the float shown (rounding happened before)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") and "e" not in text else text
 
 
 class _Str(StrPrinter):
-    def _print_precip(self, expr):
-        return "1/" + self.parenthesize(expr.args[0], 50)  # a product below the bar: (..)
-
     def _print_Float(self, expr):
-        return format(float(expr), ".6g")
+        return _float_text(expr)
 
     def _print_Function(self, expr):
         name = _NAMES.get(type(expr).__name__)
@@ -61,129 +64,167 @@ class _Str(StrPrinter):
             return super()._print_Function(expr)
         return f"{name}({', '.join(self._print(a) for a in expr.args)})"
 
-    def _print_Mul(self, expr):
-        num, den = _precip_split(expr)
-        if not den:
-            return super()._print_Mul(expr)
-        if expr.could_extract_minus_sign():
-            return "-" + self._print(-expr)
-        top = self.parenthesize(sympy.Mul(*num), 50) if num else "1"
-        return f"{top}/{self.parenthesize(sympy.Mul(*den), 50)}"  # strict=False: a*b -> (a*b)
-
 
 class _Latex(LatexPrinter):
-    def _print_precip(self, expr):
-        return r"\frac{1}{%s}" % self._print(expr.args[0])
-
     def _print_Float(self, expr):
-        mantissa, _, power = format(float(expr), ".6g").partition("e")
+        mantissa, _, power = _float_text(expr).partition("e")
         return mantissa if not power else r"%s \cdot 10^{%d}" % (mantissa, int(power))
 
     def _print_Function(self, expr, exp=None):
-        args = ", ".join(self._print(a) for a in expr.args)
-        form = {"kabs": r"\left|%s\right|", "kmax": r"\max\left(%s\right)",
-                "kmin": r"\min\left(%s\right)", "ksig": r"\sigma\left(%s\right)",
-                "kI0": r"I_{0}\left(%s\right)", "kI1": r"I_{1}\left(%s\right)"}.get(type(expr).__name__)
+        form = _LATEX.get(type(expr).__name__)
         if form is None:
             return super()._print_Function(expr, exp)
-        text = form % args
+        text = form % ", ".join(self._print(a) for a in expr.args)
         return text if exp is None else r"%s^{%s}" % (text, exp)
 
-    def _print_csum(self, expr, exp=None):
-        arg = expr.args[0]
-        body = self._print(arg)
-        return r"\sum_{c} " + (body if arg.is_Atom else r"\left(%s\right)" % body)
 
-    def _print_Mul(self, expr):
-        num, den = _precip_split(expr)
-        if not den:
-            return super()._print_Mul(expr)
-        if expr.could_extract_minus_sign():
-            return "- " + self._print(-expr)
-        top = self._print(sympy.Mul(*num)) if num else "1"
-        return r"\frac{%s}{%s}" % (top, self._print(sympy.Mul(*den)))
-
-
-class _Timeout(BaseException):
-    """Raised by the display budget's alarm (BaseException so SymPy cannot swallow it)."""
-
-
-def _budgeted(fn, budget_s):
-    """fn() under a SIGALRM budget, or None (timeout; not the main thread; a timer in use)."""
-    if budget_s is None or budget_s <= 0 or not hasattr(signal, "setitimer") \
-            or threading.current_thread() is not threading.main_thread() \
-            or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
-        return None
-
-    def _alarm(signum, frame):
-        raise _Timeout()
-
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, budget_s)
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        return None
-    finally:
-        signal.signal(signal.SIGALRM, previous)
+_TEXT, _TEX = _Str({"order": None}), _Latex()
 
 
 def _rank(expr):
     try:
         text = sympy.srepr(expr)
     except ValueError:   # an integer too long to print
-        return (math.inf, 0, "")
+        return (float("inf"), 0, "")
     return (sympy.count_ops(expr), len(text), text)
 
 
-def _display(tree, pset, budget_s):
-    """(expression to show, whether it is final: not cut short by the budget or a thread)."""
-    raw = to_sympy(tree, pset, constants="float")
-    if sympy.count_ops(raw) > SIMPLIFY_MAX_OPS:
-        return raw, True
-    simple = _budgeted(lambda: sympy.simplify(raw), budget_s)
-    if simple is None or _bad(simple):
-        return raw, simple is not None
-    return min([raw, simple], key=_rank), True
+def _tidy(expr):
+    """A bounded tidy-up: common factors pulled out when that is shorter (deterministic)."""
+    if sympy.count_ops(expr) > TIDY_MAX_OPS:
+        return expr
+    return min([expr, sympy.factor_terms(expr)], key=_rank)
 
 
-def display_expr(tree, pset="paper", budget_s: float = 1.0) -> sympy.Expr:
-    """The expression to show: ``simplify``'s result when the expression is small (at most
-    SIMPLIFY_MAX_OPS operations) and it is shorter, else the raw form. Chosen by size, so the
-    result is deterministic unless the budget runs out (then the raw form is shown).
-
-    Cached per (set, expression, budget) when final, so ``formula`` and ``latex`` agree."""
-    pset = load_pset(pset)
-    key = (pset.source, pset.name, to_text(tree, pset), budget_s)
-    if key in _SHOWN:
-        return _SHOWN[key]
-    expr, final = _display(tree, pset, budget_s)
-    if final:
-        if len(_SHOWN) >= 1024:
-            _SHOWN.clear()
-        _SHOWN[key] = expr
-    return expr
+def _present(raw, dom):
+    """(plain expression equal to ``raw`` on ``dom``, whether it shows 6-digit constants)."""
+    try:
+        reference = evaluate(raw, dom)
+    except Unevaluable:
+        return lower(raw, dom), False
+    low = lower(raw, dom)
+    shown = _tidy(low)
+    if shown is not low:
+        try:
+            if not agree(evaluate(shown, dom), reference, RTOL / 2):
+                shown = low    # the tidy form loses digits here (cancellation): keep the lowered
+        except Unevaluable:
+            shown = low
+    try:
+        return round_constants(shown, reference, dom)
+    except Unevaluable:
+        return shown, False
 
 
 _SHOWN: dict = {}
 
 
-def _show(printer, tree, pset, budget_s):
+def _memo(key, make):
+    if key not in _SHOWN:
+        if len(_SHOWN) >= 1024:
+            _SHOWN.clear()
+        _SHOWN[key] = make()
+    return _SHOWN[key]
+
+
+def display_expr(tree, pset="paper") -> sympy.Expr:
+    """The expression ``formula`` and ``latex`` print (plain SymPy equal to the loss)."""
+    pset = load_pset(pset)
+
+    def make():
+        raw = to_sympy(tree, pset, constants="float")
+        return _present(raw, domain(per_sample=not pset.class_sum))[0]
+    return _memo(("full", pset.source, pset.name, to_text(tree, pset)), make)
+
+
+def _print(printer, tree, pset):
     pset = load_pset(pset)
     try:
-        return printer.doprint(display_expr(tree, pset, budget_s))
+        return printer.doprint(display_expr(tree, pset))
     except (ValueError, TypeError, ArithmeticError, RecursionError, NotImplementedError):
         return to_text(tree, pset)   # e.g. an integer too long to print: show the expression
 
 
-def formula(tree, pset="paper", budget_s: float = 1.0) -> str:
-    """Readable per-class formula (paper) or per-sample formula (typed), e.g. ``-y*log(p)``."""
-    return _show(_Str({"order": None}), tree, pset, budget_s)
+def formula(tree, pset="paper") -> str:
+    """Readable formula: per class (``paper``, e.g. ``-y*log(p + 1e-07)``) or per sample
+    (``typed``); equal to the loss on its domain (y in {0, 1}, p in [1e-4, 1 - 1e-4])."""
+    return _print(_TEXT, tree, pset)
 
 
-def latex(tree, pset="paper", budget_s: float = 1.0) -> str:
-    """LaTeX of the same formula."""
-    return _show(_Latex(), tree, pset, budget_s)
+def latex(tree, pset="paper") -> str:
+    """LaTeX of the same expression."""
+    return _print(_TEX, tree, pset)
+
+
+# ----------------------------------------------------------------------------- per-class form
+
+def per_class_reason(pset="paper"):
+    """Why a set has no per-class form (None when it has one)."""
+    pset = load_pset(pset)
+    if not pset.class_sum:
+        return (f"the {pset.name!r} set's loss is a per-sample expression (its reductions act "
+                "on whole rows), not a class sum of one function of (y, p)")
+    if not {"y", "p"} <= set(pset.terminals):
+        return f"the {pset.name!r} set's terminals are not y and p"
+    return None
+
+
+def _drop_constant(expr):
+    keep = [t for t in sympy.Add.make_args(expr) if t.has(P)]
+    return sympy.Add(*keep), len(keep) != len(sympy.Add.make_args(expr)) and expr != 0
+
+
+def _one_class(expr_float, expr_exact, dom, dom_exact):
+    body, dropped = _drop_constant(expr_float)
+    shown, _ = _present(body, dom)
+    exact = expr_exact
+    if exact is not None:
+        exact = lower(_drop_constant(exact)[0], dom_exact, eps=EXACT_EPS)
+    return shown, exact, dropped
+
+
+EXACT_MAX_SIZE = 60   # target_exact/other_exact are computed exactly up to this tree size
+
+
+def per_class(tree, pset="paper", sign: int = 1):
+    """``{target, other, target_latex, other_latex, target_exact, other_exact,
+    constant_dropped}`` (the per-sample loss = target at p_t + sum over the other classes of
+    other at p_c, times ``sign``), or None when the set has no per-class form."""
+    pset = load_pset(pset)
+    if per_class_reason(pset) is not None:
+        return None
+
+    def make():
+        f1, f0 = _walk(tree, pset, ys=(1, 0), constants="float")
+        # Exact texts: rational constants exact, others named by their expression (SymPy's
+        # exact evaluation of transcendental constants can run for minutes).
+        labels: dict = {}
+        exact = [None, None]
+        if len(tree) <= EXACT_MAX_SIZE:
+            try:
+                exact = _walk(tree, pset, ys=(1, 0), constants="atoms_shown", labels=labels)
+                exact = [None if _bad(e) else sign * e for e in exact]
+            except (ValueError, TypeError, ArithmeticError, RecursionError):
+                exact = [None, None]
+        p_only = {"p": domain(per_sample=False)["p"]}
+        p_exact = dict(p_only, **labels)
+        out, dropped = {}, False
+        for side, fl, ex in (("target", f1, exact[0]), ("other", f0, exact[1])):
+            shown, exact_shown, d = _one_class(sign * fl, ex, p_only, p_exact)
+            dropped |= d
+            out[side] = _TEXT.doprint(shown)
+            out[f"{side}_latex"] = _TEX.doprint(shown)
+            out[f"{side}_exact"] = _TEXT.doprint(exact_shown) if exact_shown is not None \
+                else out[side]
+        out["constant_dropped"] = bool(dropped)
+        return out
+
+    try:
+        return dict(_memo(("class", pset.source, pset.name, to_text(tree, pset), int(sign)), make))
+    except (ValueError, TypeError, ArithmeticError, RecursionError, NotImplementedError):
+        return None
+
+
+def per_class_text(form: dict) -> str:
+    """One line for tables: ``true class: T | other classes: O`` (+ note on the constant)."""
+    return f"true class: {form['target']} | other classes: {form['other']}"

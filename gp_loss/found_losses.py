@@ -26,7 +26,7 @@ def i1e_ratio_per_sample(y, p):
 
 
 def i1e_ratio(logits, target):
-    """max(0, exp(-p)*i1(p))/(exp(-1/(abs(asinh(y)) + 1))*i1(1/(abs(asinh(y)) + 1)))
+    """exp(-p)*i1(p)/(1e-07 + exp(-1/(abs(asinh(y)) + 1))*i1(1/(abs(asinh(y)) + 1)))
 
     Expression: div(relu(i1e(mul(p, 1))), i1e(inv1p(asinh(y))))
     Sign: -1 (the expression is negated). Softmax inside (float32 or better); target: class indices (B,) or

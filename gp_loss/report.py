@@ -1,7 +1,7 @@
 """Reading a run for people: the summary behind ``gp-loss show`` and the end-of-search table.
 
-Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula`` with a small
-time budget, computed here for the few rows shown rather than for every candidate in the loop
+Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula`` (a pure
+function of the expression), computed here for the few rows shown rather than for every candidate in the loop
 (the engine's time belongs to the search). The elimination rounds stored in a run (``gp-loss
 eliminate``) are scored by ``eliminate.stored_rounds``, the same code that ranks them there.
 The hall of fame carries each row's spread over seeds, formula size and origin; the Pareto
@@ -104,16 +104,34 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
         if expr not in shown:
             try:
                 shown[expr] = symbolic.formula(parse(expr, pset, max_height=10**4,
-                                                     max_size=10**4), pset, budget_s=1.0)
+                                                     max_size=10**4), pset)
             except Exception:  # a display nicety must never break `show`
                 shown[expr] = expr
         return shown[expr]
+
+    classes: dict = {}
+
+    def per_class(expr, sign):
+        """The per-class form with the search's sign applied (None where the set has none)."""
+        if not formulas:
+            return None
+        key = (expr, sign)
+        if key not in classes:
+            from . import formula as _formula
+            try:
+                classes[key] = _formula.per_class(parse(expr, pset, max_height=10**4,
+                                                        max_size=10**4), pset,
+                                                  sign=sign if sign in (1, -1) else 1)
+            except Exception:  # a display nicety must never break `show`
+                classes[key] = None
+        return classes[key]
 
     n_seeds = len(cfg.get("search", {}).get("seed_with", []))
 
     def shown_row(r):
         seeds, std = seed_spread(r)
         return {"id": r["id"], "expr": r["expr"], "formula": formula(r["expr"]),
+                "per_class": per_class(r["expr"], r["sign"]),
                 "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
                 "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"],
                 "mutation": r["mutation"], "found": how_found(r, n_seeds),
@@ -196,7 +214,7 @@ def format_latex(s: dict) -> str:
     for i, r in enumerate(s["top"], 1):
         try:
             body = symbolic.latex(parse(r["expr"], cfg_pset, max_height=10**4, max_size=10**4),
-                                  cfg_pset, budget_s=1.0)
+                                  cfg_pset)
         except Exception:  # a display nicety must never break `show`
             body = r"\texttt{%s}" % _tex_escape(r["expr"])
         if cfg_pset.class_sum:
@@ -227,13 +245,22 @@ def format_summary(s: dict) -> str:
         lines.append(f"run {run_dir}: {_STATUS_TEXT[s['status']].format(run_dir=run_dir)}")
     lines.append(f"Best losses ({c['pset']} set; {c['dataset']} / {c['model']}, "
                  f"{c['steps']} steps; fitness = best validation accuracy)")
+    per_class = any(r.get("per_class") for r in s["top"])
+    if per_class:
+        lines.append("Per-class form, search sign applied: per sample, T at the true class "
+                     "+ O summed over the other classes (* = an additive constant dropped); "
+                     "full formulas: --json")
+    head = "per-class form (T | O)" if per_class else "formula"
     lines.append(f"{'rank':>4}  {'fitness':>7}  {'± sd':>6}  {'size':>4}  {'sign':>4}  "
-                 f"{'id':>5}  {'found':<20}  formula   [expression]")
+                 f"{'id':>5}  {'found':<20}  {head}   [expression]")
     for i, r in enumerate(s["top"], 1):
         std = f"{r['fitness_std']:.4f}" if r.get("fitness_std") is not None else ""
         sign = f"{r['sign']:+d}" if r["sign"] in (1, -1) else "?"
+        form = r.get("per_class")
+        shown = (f"T = {form['target']} | O = {form['other']}"
+                 f"{' *' if form['constant_dropped'] else ''}") if form else r["formula"]
         lines.append(f"{i:>4}  {r['fitness']:>7.4f}  {std:>6}  {r.get('size', ''):>4}  "
-                     f"{sign:>4}  {r['id']:>5}  {r.get('found', ''):<20}  {r['formula']}   "
+                     f"{sign:>4}  {r['id']:>5}  {r.get('found', ''):<20}  {shown}   "
                      f"[{r['expr']}]")
     for ref in s["reference"]:
         fit = f"{ref['fitness']:.4f}" if ref["fitness"] is not None else ref["status"]

@@ -15,7 +15,7 @@
   from ``algebra.py``); constant subtrees with transcendental values become symbols named by
   their exact text. Work is bounded by expression size, never by time; ``sympy.simplify`` is
   never called here.
-* ``formula`` / ``latex`` / ``display_expr`` -- display only; they live in ``formula.py`` and
+* ``formula`` / ``latex`` / ``display_expr`` / ``per_class`` -- display only; they live in ``formula.py`` and
   are re-exported here on first access (lazily: ``formula.py`` imports this module).
 
 Fed by ``trees.py`` (parsed trees), ``primitives.py`` (the SymPy forms) and ``algebra.py``;
@@ -89,8 +89,9 @@ def _constant(info, vals, mode):
                 return _Val(_shown(r, fval), repr(fval), fval)
             return _Val(r, _label(r), _float(r))
     label = f"{info.display}({', '.join(v.label for v in vals)})"
-    if mode == "float" and math.isfinite(fval):
-        return _Val(sympy.Float(fval, 6), label, fval)
+    if mode == "float" and not math.isnan(fval):   # an overflowed constant is +-oo (min(oo, x) = x)
+        return _Val(sympy.Float(fval) if math.isfinite(fval) else sympy.oo * int(math.copysign(1, fval)),
+                    label, fval)
     return _Val(sympy.Symbol(label, real=True), label, fval)
 
 
@@ -107,12 +108,13 @@ def _label(r) -> str:
 
 
 def _shown(r, fval):
-    """A rational constant for display: small ones exact (1/10 for 0.1), others 6 digits."""
+    """A rational constant for display: small ones exact (1/10 for 0.1), others as floats
+    (full precision: the display rounds them only where the value allows)."""
     if not r.is_Integer:
         r = sympy.Rational(repr(fval)) if math.isfinite(fval) else r
     if max(abs(r.p), r.q) <= 10**6:
         return r
-    return sympy.Float(fval, 6) if math.isfinite(fval) else sympy.Symbol(repr(fval))
+    return sympy.Float(fval) if math.isfinite(fval) else sympy.Symbol(repr(fval))
 
 
 def _leaf(node, pset, y, mode):
@@ -126,17 +128,22 @@ def _leaf(node, pset, y, mode):
     r = _number(node.value)
     if mode == "float":
         return _Val(_shown(r, float(node.value)), repr(float(node.value)), float(node.value))
+    if mode == "atoms_shown" and not r.is_Integer:   # 0.1 reads 1/10 (the same double)
+        decimal = sympy.Rational(repr(float(node.value)))
+        r = decimal if float(decimal) == float(node.value) else r
     return _Val(r, _label(r), float(node.value))
 
 
-def _walk(tree, pset, ys=(None,), reduce=None, constants="exact"):
+def _walk(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None):
     """Iterative post-order build, once per binding of y in ``ys`` (None: the symbol y).
 
     ``reduce(name, args)`` (args: per-argument lists of one expression per binding) replaces
     the opaque reductions (key path of the typed set). Returns one expression per binding.
+    ``labels`` (a dict), when given, receives each constant symbol's name -> float64 value.
     """
     stack, memo = [], {}
-    forms = {"atoms": _KEY_FORMS, "float": _DISPLAY_FORMS}.get(constants, {})
+    forms = {"atoms": _KEY_FORMS, "float": _DISPLAY_FORMS,
+             "atoms_shown": _DISPLAY_FORMS}.get(constants, {})
     for node in reversed(tree):
         if not isinstance(node, gp.Primitive):
             stack.append([_leaf(node, pset, y, constants) for y in ys])
@@ -155,6 +162,8 @@ def _walk(tree, pset, ys=(None,), reduce=None, constants="exact"):
             vals = [a[i] for a in args]
             if constants != "exact" and all(v.label is not None for v in vals):
                 out.append(_constant(info, vals, constants))
+                if labels is not None and out[-1].expr.is_Symbol:
+                    labels[out[-1].expr.name] = out[-1].fval
                 continue
             key = (info.op.name, tuple(v.expr for v in vals))
             if key not in memo:   # bindings often share subtrees (no y below)
@@ -170,7 +179,8 @@ def to_sympy(tree, pset="paper", constants: str = "exact") -> sympy.Expr:
 
     ``constants``: 'exact' applies every op's SymPy form (SymPy may spend seconds evaluating a
     bloated transcendental constant); 'atoms' turns non-rational constant subtrees into real
-    symbols named by their text; 'float' into 6-digit floats (display).
+    symbols named by their text; 'float' into float64 values (display); 'atoms_shown' as
+    'atoms' but with the display's readable forms (``formula.per_class``'s exact text).
     """
     return _walk(tree, load_pset(pset), constants=constants)[0]
 
@@ -271,7 +281,7 @@ def canonical_key(tree, pset="paper", sign: int = 1) -> str:
 
 # The display half (formula.py) imports this module, so it is resolved on first access.
 _LAZY = {"formula": "formula", "latex": "latex", "display_expr": "display_expr",
-         "SIMPLIFY_MAX_OPS": "SIMPLIFY_MAX_OPS"}
+         "per_class": "per_class"}
 
 
 def __getattr__(name):

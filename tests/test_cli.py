@@ -89,7 +89,7 @@ def test_export_baikal_matches_its_formula(run, tmp_path):
         got = module.LOSSES["baikal"](logits, target)
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-    assert "y/p - log(p)" in module.baikal.__doc__
+    assert "y/(p + 1e-07) - log(p + 1e-07)" in module.baikal.__doc__
     assert isinstance(module.Baikal(), torch.nn.Module)
 
 
@@ -126,12 +126,19 @@ def test_pset_as_toml_path(run):
 
 def test_simplify_plain_and_json(run):
     plain = run("simplify", "add(mul(y, log(p)), mul(y, log(p)))")
-    assert plain.exit_code == 0 and plain.stdout.strip() == "2*y*log(p)"
+    assert plain.exit_code == 0
+    assert plain.stdout.splitlines() == ["2*y*log(p + 1e-07)", "  true class: 2*log(p + 1e-07)",
+                                         "  other classes: 0"]
     result = run("simplify", "baikal", "--json")
     data = json.loads(result.stdout)
-    assert set(data) == {"expr", "formula", "latex", "key"}
+    assert set(data) == {"expr", "formula", "latex", "key", "per_class", "per_class_reason"}
     assert data["expr"] == "sub(div(y, p), log(p))"
-    assert data["formula"] == "y/p - log(p)"
+    assert data["formula"] == "y/(p + 1e-07) - log(p + 1e-07)"
+    assert set(data["per_class"]) == {"target", "other", "target_latex", "other_latex",
+                                      "target_exact", "other_exact", "constant_dropped"}
+    assert data["per_class"]["other"] == "-log(p + 1e-07)" and data["per_class_reason"] is None
+    typed = json.loads(run("simplify", "ce(y, p)", "--pset", "typed", "--json").stdout)
+    assert typed["per_class"] is None and "per-sample" in typed["per_class_reason"]
     # The key is oriented: ce and its negation share it; log vs log10 do not.
     keys = [json.loads(run("simplify", e, "--json").stdout)["key"]
             for e in ("ce", "mul(y, log(p))", "mul(y, log10(p))")]

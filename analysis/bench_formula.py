@@ -1,0 +1,77 @@
+"""Printed formulas are the loss (issue 12), at scale: N fixed-seed random trees per set plus
+every candidate the shipped mnist5k run trained, checked with the test oracle
+(tests/formula_oracle.py: the text parsed back by SymPy vs the op table's numpy references);
+and the per-class form's length over the full formula's on the run's best 50 distinct
+candidates. Prints a JSON object as its last line.
+
+    .venv/bin/python analysis/bench_formula.py [--trees 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import formula_oracle as O  # noqa: E402
+
+from gp_loss import formula as F  # noqa: E402
+from gp_loss.psets import load_pset  # noqa: E402
+from gp_loss.store import RunStore  # noqa: E402
+from gp_loss.trees import parse, random_tree, to_text  # noqa: E402
+
+
+def check(trees, pset):
+    y, p = O.points(not pset.class_sum)
+    bad = []
+    for t in trees:
+        text = F.formula(t, pset)
+        why = O.check_text(text, t, pset, y, p)
+        if why is None and pset.class_sum:
+            form = F.per_class(t, pset)
+            why = "no per-class form" if form is None else O.check_per_class(form, t, pset)
+        if why:
+            bad.append(f"{to_text(t, pset)} -> {text}: {why}")
+    return bad
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", type=int, default=10000)
+    args = ap.parse_args()
+    out = {}
+    for name in ("paper", "typed"):
+        pset, rng = load_pset(name), random.Random(2026)
+        trees = [random_tree(pset, rng, min_height=1, max_height=2 + i % 5)
+                 for i in range(args.trees)]
+        start = time.perf_counter()
+        bad = check(trees, pset)
+        out[name] = {"trees": len(trees), "failures": len(bad), "examples": bad[:5],
+                     "seconds": round(time.perf_counter() - start, 1)}
+    pset = load_pset("paper")
+    run = [parse(e, pset, max_height=10**4, max_size=10**4) for e in O.run_expressions()]
+    bad = check(run, pset)
+    out["mnist5k_run"] = {"candidates": len(run), "failures": len(bad), "examples": bad[:5]}
+    with RunStore.open(O.RUN.parent, readonly=True) as store:
+        rows = store.top(50)
+    ratios, shorter = [], 0
+    for r in rows:
+        t = parse(r["expr"], pset, max_height=10**4, max_size=10**4)
+        form = F.per_class(t, pset, sign=r["sign"] if r["sign"] in (1, -1) else 1)
+        full = len(F.formula(t, pset))
+        short = len(form["target"]) + len(form["other"])
+        ratios.append(short / full)
+        shorter += short < full
+    out["per_class_length"] = {"candidates": len(rows), "median_ratio": round(
+        statistics.median(ratios), 3), "shorter": shorter}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

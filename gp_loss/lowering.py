@@ -1,0 +1,277 @@
+"""Display lowering: a SymPy expression with protected operations -> plain SymPy that equals it.
+
+The key path keeps ``plog`` (ln(|x| + eps)) and ``precip`` (1/(x + eps)) opaque; a reader needs
+plain mathematics. ``lower(expr, domain)`` writes each protected node either plainly (``log(x)``,
+``1/x``) or with its eps shown (``log(x + 1e-07)``, ``1/(x + 1e-07)``), choosing the plain form
+only when the *whole* expression then still agrees with the loss on the loss domain (y in
+{0, 1}, p in [1e-4, 1 - 1e-4]; for the typed set one-hot rows and softmax rows). Constants
+whose value eps decides (``1/(0 + eps)``) fold to their exact number. ``round_constants``
+rounds floats to the fewest digits (6, 10, 17) for which the expression still agrees.
+
+``evaluate(expr, env)`` is a small numpy walker over SymPy nodes (no lambdify: nothing is
+compiled), used for those decisions; every decision is a fixed computation on a fixed grid,
+so the shown formula is a pure function of the expression -- never of time or load.
+
+Fed by ``primitives.py`` (EPS, the protected functions, the typed reductions' numpy forms)
+and ``algebra.py`` (the opaque display functions); used by ``formula.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy
+from scipy import special as sps
+
+from .algebra import _nonneg, kabs, kI0, kI1, kmax, kmin, ksig
+from .primitives import EPS, REDUCTIONS, plog, precip
+
+RTOL = 1e-6          # what a shown formula promises (relative; see ``agree``)
+DECIDE_RTOL = 2e-7   # a plain form is chosen only with this margin, so RTOL holds everywhere
+ROUNDED_RTOL = 1e-5  # a formula with 6-digit constants (the promise there is 2e-5)
+FLOOR = 1e-6         # values below FLOOR * (largest value) count as that size (zero crossings)
+MAX_DECISIONS = 48   # protected nodes beyond this many keep their eps form (bounded work)
+_EPS = sympy.Float(EPS)
+
+
+class Unevaluable(Exception):
+    """The walker met a node it has no numeric form for (e.g. a non-finite constant)."""
+
+
+def _reduction(name, args, elem_shape):
+    """A typed reduction; a constant argument stands for a whole (B, C) row block."""
+    op = REDUCTIONS["sum" if name == "csum" else name]
+    shape = np.broadcast_shapes(elem_shape, *[np.shape(x) for x in args])
+    return op.numpy(*[np.broadcast_to(x, shape) for x in args])
+
+
+def _fold(fn, args):
+    out = args[0]
+    for a in args[1:]:
+        out = fn(out, a)
+    return out
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+_FUNCS = {
+    sympy.exp: np.exp, sympy.log: np.log, sympy.sin: np.sin, sympy.cos: np.cos,
+    sympy.sinh: np.sinh, sympy.cosh: np.cosh, sympy.tanh: np.tanh, sympy.asinh: np.arcsinh,
+    sympy.atan: np.arctan, sympy.erf: sps.erf, sympy.erfc: sps.erfc, sympy.Abs: np.abs,
+    kabs: np.abs, ksig: _sig, kI0: sps.i0, kI1: sps.i1,
+    plog: lambda x: np.log(np.abs(x) + EPS), precip: lambda x: 1.0 / (x + EPS),
+}
+_NARY = {sympy.Max: np.maximum, kmax: np.maximum, sympy.Min: np.minimum, kmin: np.minimum,
+         sympy.Add: np.add, sympy.Mul: np.multiply}
+_TYPED = {"mse", "kl", "ce", "dot", "csum"}
+
+
+def evaluate(expr, env: dict):
+    """float64 values of ``expr`` with symbols bound by ``env`` (name -> array); numpy
+    broadcasting rules; the typed reductions sum over the last axis."""
+    memo: dict = {}
+    stack = [(expr, False)]
+    elem_shape = np.shape(env.get("p", ()))
+    with np.errstate(all="ignore"):
+        while stack:
+            node, ready = stack.pop()
+            if node in memo:
+                continue
+            if node.is_Symbol:
+                if node.name not in env:
+                    raise Unevaluable(node.name)
+                memo[node] = env[node.name]
+            elif node.is_Number:
+                memo[node] = float(node)
+            elif node is sympy.E:
+                memo[node] = math.e
+            elif node is sympy.pi:
+                memo[node] = math.pi
+            elif not ready:
+                stack.append((node, True))
+                stack.extend((a, False) for a in node.args if a not in memo)
+            else:
+                memo[node] = _apply(node, [memo[a] for a in node.args], elem_shape)
+    return memo[expr]
+
+
+def _apply(node, args, elem_shape):
+    func = node.func
+    if func in _NARY:
+        return _fold(_NARY[func], args)
+    if func is sympy.Pow:
+        base, exp = args
+        return np.power(np.asarray(base, dtype=float), exp)
+    if func in _FUNCS:
+        return _FUNCS[func](*args)
+    if func is sympy.besseli and node.args[0] in (0, 1):
+        return (sps.i0 if node.args[0] == 0 else sps.i1)(args[1])
+    name = type(node).__name__
+    if name in _TYPED:
+        return _reduction(name, args, elem_shape)
+    raise Unevaluable(name)
+
+
+# ----------------------------------------------------------------------------- the domain
+
+def domain(per_sample: bool, classes: int = 4) -> dict:
+    """The loss domain as arrays: class-sum sets take y in {0, 1} and p in [1e-4, 1 - 1e-4]
+    (log-spaced towards both ends, and every 0.01 between); per-sample sets (typed) one-hot rows and softmax rows
+    (fixed seed) whose entries span the same range."""
+    half = np.geomspace(1e-4, 0.5, 48)
+    p = np.unique(np.concatenate([half, 1.0 - half, np.linspace(0.01, 0.99, 99)]))
+    if not per_sample:
+        return {"y": np.concatenate([np.zeros_like(p), np.ones_like(p)]), "p": np.tile(p, 2)}
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.0, 2.5, size=(96, classes))
+    z[:8] *= 3.0                                     # confident rows
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    prob = np.clip(e / e.sum(axis=1, keepdims=True), 1e-4, 1 - 1e-4)
+    prob /= prob.sum(axis=1, keepdims=True)
+    y = np.eye(classes)[rng.integers(0, classes, size=96)]
+    return {"y": y, "p": prob}
+
+
+def agree(value, reference, rtol: float = RTOL) -> bool:
+    """``value`` equals ``reference`` wherever the reference is finite: |a - b| <= rtol *
+    max(|b|, FLOOR * max|b|) (the floor keeps a zero crossing from demanding exactness)."""
+    a = np.broadcast_to(np.asarray(value, dtype=float), np.shape(reference))
+    b = np.asarray(reference, dtype=float)
+    ok = np.isfinite(b)
+    if not ok.any():
+        return True
+    a, b = a[ok], b[ok]
+    if not np.isfinite(a).all():
+        return False
+    scale = np.maximum(np.abs(b), FLOOR * np.abs(b).max())
+    return bool(np.all(np.abs(a - b) <= rtol * scale))
+
+
+# ----------------------------------------------------------------------------- lowering
+
+def _eps_form(node, arg, eps):
+    if node.func is plog:
+        return sympy.log((arg if _nonneg(arg) else kabs(arg)) + eps)
+    return 1 / (arg + eps)
+
+
+def _plain_form(node, arg):
+    if node.func is plog:
+        return sympy.log(arg if _nonneg(arg) else kabs(arg))
+    return 1 / arg
+
+
+def _protected_nodes(expr):
+    """Distinct protected nodes, innermost first (a deterministic order)."""
+    seen, out = set(), []
+    for node in sympy.postorder_traversal(expr):
+        if node.func in (plog, precip) and node not in seen:
+            seen.add(node)
+            out.append(node)
+    return out
+
+
+def _rebuild(expr, plain: set, eps=_EPS):
+    """``expr`` with each protected node in its plain (in ``plain``) or eps form; numbers of
+    protected functions (and of opaque functions SymPy leaves unevaluated) are folded."""
+    memo: dict = {}
+    for node in sympy.postorder_traversal(expr):
+        if node in memo:
+            continue
+        if not node.args or node.is_Atom:
+            memo[node] = node
+            continue
+        args = [memo[a] for a in node.args]
+        if node.func in (plog, precip):
+            arg = args[0]
+            if arg.is_Float or (arg.is_Number and eps.is_Float):
+                memo[node] = sympy.Float(float(evaluate(node.func(arg), {})))
+            elif node in plain:
+                memo[node] = _plain_form(node, arg)
+            else:
+                memo[node] = _eps_form(node, arg, eps)
+            continue
+        new = node.func(*args)
+        if eps.is_Float and new.args and all(a.is_Number for a in new.args) \
+                and new.func in _FUNCS:
+            value = float(evaluate(new, {}))
+            new = sympy.Float(value) if math.isfinite(value) else new
+        memo[node] = new
+    return memo[expr]
+
+
+def _plain_finite(node, dom) -> bool:
+    """Whether the plain form's argument is never 0 where it is finite (so 1/x and log(|x|)
+    are finite wherever the protected form is)."""
+    try:
+        arg = np.asarray(evaluate(node.args[0], dom), dtype=float)
+    except Unevaluable:
+        return False
+    return not np.any(arg[np.isfinite(arg)] == 0)
+
+
+EXACT_EPS = sympy.Rational(1, 10**7)   # eps as the exact decimal (exact per-class texts)
+
+
+def lower(expr, dom: dict, eps=_EPS):
+    """Plain SymPy equal to ``expr`` on ``dom``: protected nodes read plainly where the whole
+    expression still agrees (within DECIDE_RTOL), with their eps otherwise (``eps``: the
+    float 1e-07, or EXACT_EPS to keep exact constants exact)."""
+    try:
+        reference = evaluate(expr, dom)
+    except Unevaluable:
+        return _rebuild(expr, set(), eps)
+    plain: set = set()
+    for node in _protected_nodes(expr)[:MAX_DECISIONS]:
+        if not _plain_finite(node, dom):
+            continue   # 1/0 or log(0) on the domain: a reader would see an infinite
+        trial = plain | {node}
+        try:
+            ok = agree(evaluate(_rebuild(expr, trial, eps), dom), reference, DECIDE_RTOL)
+        except Unevaluable:
+            ok = False
+        if ok:
+            plain = trial
+    return _rebuild(expr, plain, eps)
+
+
+def _short(f, digits: int):
+    value = float(format(float(f), f".{digits}g"))
+    if value.is_integer() and abs(value) < 1e15:
+        return sympy.Integer(int(value))
+    return sympy.Float(value)
+
+
+def _significant(value) -> int:
+    if value.is_Integer:
+        return len(str(abs(int(value))).rstrip("0"))
+    mantissa = repr(float(value)).partition("e")[0]
+    return len(mantissa.replace("-", "").replace(".", "").lstrip("0").rstrip("0"))
+
+
+def round_constants(expr, reference, dom: dict):
+    """(``expr`` with its floats at 6, 10 or 17 significant digits -- the fewest for which it
+    still agrees with ``reference`` --, whether 6-digit rounding was needed). Integral values
+    become integers (``1*p`` reads ``p``)."""
+    floats = sorted(expr.atoms(sympy.Float), key=sympy.default_sort_key)
+    if not floats:
+        return expr, False
+    for digits in (6, 10, 17):
+        swap = {f: _short(f, digits) for f in floats}
+        trial = expr.xreplace(swap)
+        if digits == 17:
+            return trial, False
+        exact = all(float(f) == float(g) for f, g in swap.items())
+        if exact:
+            return trial, False
+        # The looser promise holds only where the text shows that it rounded (5-6 digits
+        # visible); 1.0000001 rounded to 1 must meet the full one.
+        visible = digits == 6 and any(_significant(g) >= 5 for g in swap.values())
+        try:
+            if agree(evaluate(trial, dom), reference, ROUNDED_RTOL if visible else RTOL / 2):
+                return trial, visible
+        except Unevaluable:
+            return expr, False
+    return expr, False

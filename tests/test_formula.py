@@ -1,0 +1,96 @@
+"""A printed formula is the loss (issue 12): text (and per-class form) parsed back by SymPy
+equals the op table's numpy references on the loss domain, for fixed-seed random trees of both
+sets, the zoo and every candidate the shipped mnist5k run trained (``formula_oracle.py``)."""
+import random
+
+import pytest
+
+from gp_loss import formula as F
+from gp_loss.psets import load_pset
+from gp_loss.trees import parse, random_tree, to_text
+
+import formula_oracle as O
+
+
+def _trees(pset_name, n, seed):
+    pset, rng = load_pset(pset_name), random.Random(seed)
+    return [random_tree(pset, rng, min_height=1, max_height=2 + i % 5) for i in range(n)]
+
+
+def _failures(trees, pset):
+    y, p = O.points(not pset.class_sum)
+    bad = []
+    for t in trees:
+        text = F.formula(t, pset)
+        why = O.check_text(text, t, pset, y, p)
+        if why is None and pset.class_sum:
+            form = F.per_class(t, pset)
+            why = "no per-class form" if form is None else O.check_per_class(form, t, pset)
+        if why:
+            bad.append(f"{to_text(t, pset)} -> {text}: {why}")
+    return bad
+
+
+@pytest.mark.parametrize("pset_name", ["paper", "typed"])
+def test_printed_formulas_are_the_loss_on_random_trees(pset_name):
+    pset = load_pset(pset_name)
+    assert _failures(_trees(pset_name, 1000, 12), pset) == []
+
+
+def test_printed_formulas_of_the_zoo_and_the_shipped_run():
+    pset = load_pset("paper")
+    trees = [parse(z, pset) for z in pset.zoo]
+    # Every third of the 1,236 the run trained (all of them: analysis/bench_formula.py).
+    run = O.run_expressions()[::3]
+    trees += [parse(e, pset, max_height=10**4, max_size=10**4) for e in run]
+    assert len(run) > 400
+    assert _failures(trees, pset) == []
+
+
+@pytest.mark.parametrize("expr, shown", [
+    ("div(p, sqrt(neg(inv1p(y))))", "p*sqrt(abs(y) + 1)"),     # was p/1/sqrt(abs(y) + 1)
+    ("div(p, recip(tanh(y)))", "p*(tanh(y) + 1e-07)"),          # was p/1/(tanh(y)); y = 0 needs eps
+    ("recip(sub(p, p))", "10000000"),                            # was 1/(0)
+    ("i0(recip(sub(p, p)))", "i0(10000000)"),                   # was i0(1/(0))
+    ("ce", "-y*log(p + 1e-07)"),
+    ("mse", "(-p + y)**2"),
+    ("mul(0.1, mul(y, log(p)))", "y*log(p + 1e-07)/10"),
+    ("mul(y, sigmoid(neg(p)))", "y*(1 - sigmoid(p))"),
+])
+def test_known_formulas(expr, shown):
+    assert F.formula(parse(expr)) == shown
+
+
+def test_protected_constant_keeps_its_eps():
+    # exp(1)*log(1) = e*ln(1 + eps) = 2.718e-7; the division adds eps again: 3.718e-7.
+    text = F.formula(parse("div(isru(p, i1e(p)), mul(exp(1), log(1)))"))
+    assert text.startswith("2689410*p/"), text
+
+
+def test_per_class_form():
+    form = F.per_class(parse("i1e_ratio"))
+    assert form["target"] == "6.18153*exp(-p)*i1(p)" and form["other"] == "4.80976*exp(-p)*i1(p)"
+    assert form["constant_dropped"] is False
+    assert F.per_class(parse("ce"))["target"] == "-log(p + 1e-07)"
+    assert F.per_class(parse("ce"))["other"] == "0"
+    form = F.per_class(parse("mul(y, sigmoid(neg(p)))"))
+    assert form["target"] == "-sigmoid(p)" and form["constant_dropped"] is True
+    neg = F.per_class(parse("ce"), sign=-1)
+    assert neg["target"] == "log(p + 1e-07)"
+    # simplified on p in (0, 1]: relu(i1e(p)) is i1e(p), min(p, 1) is p
+    assert F.per_class(parse("relu(i1e(p))"))["target"] == "exp(-p)*i1(p)"
+    assert F.per_class(parse("min(p, 1)"))["other"] == "p"
+    assert F.per_class(parse("ce(y, p)", "typed"), "typed") is None
+    assert "per-sample" in F.per_class_reason("typed")
+
+
+def test_formula_is_a_pure_function_of_the_expression(monkeypatch):
+    """No clock anywhere: the same text with time frozen or racing."""
+    import time
+    t = parse("div(erf(sqrt(div(p, y))), tanh(1))")
+    first = F.formula(t)
+    F._SHOWN.clear()
+    ticks = iter(range(0, 10**9, 1000))
+    monkeypatch.setattr(time, "time", lambda: float(next(ticks)))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)))
+    assert F.formula(t) == first
