@@ -94,3 +94,15 @@ def test_formula_is_a_pure_function_of_the_expression(monkeypatch):
     monkeypatch.setattr(time, "time", lambda: float(next(ticks)))
     monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)))
     assert F.formula(t) == first
+
+
+def test_the_readme_shows_the_current_simplify_output():
+    from click.testing import CliRunner
+
+    from gp_loss.cli import cli
+    readme = (O.ROOT / "README.md").read_text().splitlines()
+    at = readme.index("$ gp-loss simplify i1e_ratio")
+    shown = readme[at + 1:at + 4]
+    result = CliRunner().invoke(cli, ["simplify", "i1e_ratio"])
+    assert result.exit_code == 0
+    assert result.output.splitlines() == shown
