@@ -24,21 +24,7 @@ import formula_oracle as O  # noqa: E402
 from gp_loss import formula as F  # noqa: E402
 from gp_loss.psets import load_pset  # noqa: E402
 from gp_loss.store import RunStore  # noqa: E402
-from gp_loss.trees import parse, random_tree, to_text  # noqa: E402
-
-
-def check(trees, pset):
-    y, p = O.points(not pset.class_sum)
-    bad = []
-    for t in trees:
-        text = F.formula(t, pset)
-        why = O.check_text(text, t, pset, y, p)
-        if why is None and pset.class_sum:
-            form = F.per_class(t, pset)
-            why = "no per-class form" if form is None else O.check_per_class(form, t, pset)
-        if why:
-            bad.append(f"{to_text(t, pset)} -> {text}: {why}")
-    return bad
+from gp_loss.trees import parse, random_tree  # noqa: E402
 
 
 def main():
@@ -51,12 +37,12 @@ def main():
         trees = [random_tree(pset, rng, min_height=1, max_height=2 + i % 5)
                  for i in range(args.trees)]
         start = time.perf_counter()
-        bad = check(trees, pset)
+        bad = O.failures(trees, pset)
         out[name] = {"trees": len(trees), "failures": len(bad), "examples": bad[:5],
                      "seconds": round(time.perf_counter() - start, 1)}
     pset = load_pset("paper")
     run = [parse(e, pset, max_height=10**4, max_size=10**4) for e in O.run_expressions()]
-    bad = check(run, pset)
+    bad = O.failures(run, pset)
     out["mnist5k_run"] = {"candidates": len(run), "failures": len(bad), "examples": bad[:5]}
     with RunStore.open(O.RUN.parent, readonly=True) as store:
         rows = store.top(50)

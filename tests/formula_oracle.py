@@ -171,6 +171,23 @@ def check_per_class(form, tree, pset, sign=1):
     return "; ".join(problems) or None
 
 
+def failures(trees, pset):
+    """Each tree whose printed formula or per-class form is not its loss, with why."""
+    from gp_loss import formula as F
+    from gp_loss.trees import to_text
+    y, p = points(not pset.class_sum)
+    bad = []
+    for t in trees:
+        text = F.formula(t, pset)
+        why = check_text(text, t, pset, y, p)
+        if why is None and pset.class_sum:
+            form = F.per_class(t, pset)
+            why = "no per-class form" if form is None else check_per_class(form, t, pset)
+        if why:
+            bad.append(f"{to_text(t, pset)} -> {text}: {why}")
+    return bad
+
+
 def run_expressions(limit=None):
     """The distinct expressions the shipped mnist5k run trained (evaluated or reused)."""
     con = sqlite3.connect(f"file:{RUN}?mode=ro&immutable=1", uri=True)

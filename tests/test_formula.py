@@ -7,7 +7,7 @@ import pytest
 
 from gp_loss import formula as F
 from gp_loss.psets import load_pset
-from gp_loss.trees import parse, random_tree, to_text
+from gp_loss.trees import parse, random_tree
 
 import formula_oracle as O
 
@@ -17,24 +17,10 @@ def _trees(pset_name, n, seed):
     return [random_tree(pset, rng, min_height=1, max_height=2 + i % 5) for i in range(n)]
 
 
-def _failures(trees, pset):
-    y, p = O.points(not pset.class_sum)
-    bad = []
-    for t in trees:
-        text = F.formula(t, pset)
-        why = O.check_text(text, t, pset, y, p)
-        if why is None and pset.class_sum:
-            form = F.per_class(t, pset)
-            why = "no per-class form" if form is None else O.check_per_class(form, t, pset)
-        if why:
-            bad.append(f"{to_text(t, pset)} -> {text}: {why}")
-    return bad
-
-
 @pytest.mark.parametrize("pset_name", ["paper", "typed"])
 def test_printed_formulas_are_the_loss_on_random_trees(pset_name):
     pset = load_pset(pset_name)
-    assert _failures(_trees(pset_name, 1000, 12), pset) == []
+    assert O.failures(_trees(pset_name, 1000, 12), pset) == []
 
 
 def test_printed_formulas_of_the_zoo_and_the_shipped_run():
@@ -44,7 +30,7 @@ def test_printed_formulas_of_the_zoo_and_the_shipped_run():
     run = O.run_expressions()[::3]
     trees += [parse(e, pset, max_height=10**4, max_size=10**4) for e in run]
     assert len(run) > 400
-    assert _failures(trees, pset) == []
+    assert O.failures(trees, pset) == []
 
 
 @pytest.mark.parametrize("expr, shown", [
