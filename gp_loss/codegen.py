@@ -6,7 +6,9 @@ For a loss called NAME the printer emits
   probabilities ``p`` (both (B, C)), one SSA line per tree node (no deep nesting, so any tree
   within the limits compiles); for a class-sum set (``paper``) it ends with ``.sum(dim=1)``;
 * ``NAME(logits, target)`` -- softmax in float32 or better, integer class indices or (B, C)
-  soft targets, per-sample loss, batch mean, sign applied;
+  soft targets, per-sample loss, batch mean, sign applied; its docstring holds the formula and,
+  when the entry gives it (``export.make_entry`` does), the per-class form T(p_t) + sum O(p_c)
+  with the sign applied, or why the set has none (the docstring is the only text it changes);
 * ``class CamelName(torch.nn.Module)`` -- a wrapper.
 
 ``module_source`` joins several losses with a header (imports only ``torch`` and ``math``) and
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import textwrap
 
 from deap import gp
 
@@ -92,8 +95,32 @@ def _body_lines(tree, pset):
     return lines, ref, is_float
 
 
-def function_source(tree, pset="paper", name="loss", sign=1, formula=None) -> str:
-    """Source of ``NAME_per_sample``, ``NAME`` and the ``CamelName`` module for one tree."""
+def _doc_text(text: str) -> str:
+    """``text`` safe inside a triple-quoted (non-raw) docstring."""
+    return text.replace("\\", "\\\\").replace('"""', "'''")
+
+
+def per_class_doc(per_class=None, per_class_reason=None) -> str:
+    """Docstring lines (indented for ``NAME``) stating the per-class form, or why there is none;
+    '' when neither is given. ``per_class`` is ``formula.per_class``'s dict, sign applied."""
+    if per_class is not None:
+        lines = ["Per class, with the sign applied (the loss minimised): a sample of true class t",
+                 "costs T(p_t) + sum over the other classes c of O(p_c), where",
+                 f"  true class:    T(p) = {per_class['target']}",
+                 f"  other classes: O(p) = {per_class['other']}"]
+        if per_class.get("constant_dropped"):
+            lines.append("  (an additive constant dropped: it never changes training)")
+    elif per_class_reason:
+        lines = textwrap.wrap(f"Per-class form: none; {per_class_reason}.", 88)
+    else:
+        return ""
+    return "".join(f"    {_doc_text(line)}\n" for line in lines) + "\n"
+
+
+def function_source(tree, pset="paper", name="loss", sign=1, formula=None, per_class=None,
+                    per_class_reason=None) -> str:
+    """Source of ``NAME_per_sample``, ``NAME`` and the ``CamelName`` module for one tree.
+    ``per_class``/``per_class_reason`` (sign applied) only add docstring lines."""
     pset = load_pset(pset)
     check_name(name)
     if sign not in (1, -1):
@@ -108,7 +135,8 @@ def function_source(tree, pset="paper", name="loss", sign=1, formula=None) -> st
     else:
         # A Sample-typed root that involves y or p went through a reduction, so it is (B,).
         final = ref if has_terminal else f"p.new_zeros(p.shape[0]) + {ref}"
-    doc_formula = (formula or text).replace('"""', "'''").replace("\\", "\\\\")
+    doc_formula = _doc_text(formula or text)
+    doc_per_class = per_class_doc(per_class, per_class_reason)
     sign_word = "+1" if sign == 1 else "-1 (the expression is negated)"
     body = "\n".join(lines)
     mean = "per_sample.mean()" if sign == 1 else "-per_sample.mean()"
@@ -123,7 +151,7 @@ def {name}_per_sample(y, p):
 def {name}(logits, target):
     """{doc_formula}
 
-    Expression: {text}
+{doc_per_class}    Expression: {text}
     Sign: {sign_word}. Softmax inside (float32 or better); target: class indices (B,) or
     probabilities (B, C). Returns the mean over the batch.
     """
@@ -150,7 +178,8 @@ def _simple(ref: str) -> bool:
 
 
 def module_source(entries) -> PrintedSource:
-    """Full module text for ``entries``: iterable of dicts with tree, pset, name, sign, formula."""
+    """Full module text for ``entries``: iterable of dicts with tree, pset, name, sign, formula
+    (optional per_class, per_class_reason: docstring lines only)."""
     parts, names = [HEADER.format(version=__version__)], []
     for e in entries:
         name = check_name(e["name"])
@@ -158,7 +187,8 @@ def module_source(entries) -> PrintedSource:
             raise ValueError(f"duplicate loss name {name!r}")
         names.append(name)
         parts.append(function_source(e["tree"], e.get("pset", "paper"), name,
-                                     e.get("sign", 1), e.get("formula")))
+                                     e.get("sign", 1), e.get("formula"), e.get("per_class"),
+                                     e.get("per_class_reason")))
     parts.append("\n\n# Losses in rank order.\nLOSSES = {\n"
                  + "".join(f"    {n!r}: {n},\n" for n in names) + "}\n")
     return PrintedSource("".join(parts))

@@ -1,8 +1,10 @@
 """Export losses to files: a standalone PyTorch module, LaTeX, SymPy source or JSON.
 
-Everything is written from a list of *entries* -- dicts ``{name, tree, pset, sign, formula}``
-(plus optional ``expr``, ``fitness``, ``candidate_id``, ``seeds``, ``run``) -- so the two front
-ends share one writer:
+Everything is written from a list of *entries* -- dicts ``{name, tree, pset, sign, formula,
+per_class, per_class_reason}`` (plus optional ``expr``, ``fitness``, ``candidate_id``,
+``seeds``, ``run``) -- so the two front ends share one writer and every format reads the same
+entry. ``per_class`` is ``formula.per_class`` with the entry's sign applied (the loss that is
+minimised: T(p_t) + sum over c != t of O(p_c)), or None with ``per_class_reason``:
 
 * ``expr_entries`` -- expressions typed by a user (``gp-loss export --expr baikal``);
 * ``run_entries``  -- the best candidates of a run store (``gp-loss export RUN_DIR --top K``),
@@ -12,7 +14,8 @@ ends share one writer:
 The ``python`` format is exactly the text of ``codegen.module_source`` -- the printer that
 training compiles -- so what trains is what exports (a run's export adds comment lines only);
 it imports only ``torch`` and ``math`` and carries the simplified formula
-(``symbolic.formula``) in each docstring. Fed by ``trees``
+(``symbolic.formula``) and the per-class form in each docstring; ``latex`` shows the per-class
+form under each formula, ``json`` carries ``per_class`` and ``per_class_reason``. Fed by ``trees``
 (parsed trees), ``codegen``, ``symbolic``, ``screen`` (the sign) and ``store`` (runs).
 """
 from __future__ import annotations
@@ -54,9 +57,26 @@ def default_name(expr, pset) -> str:
     return expr.strip() if isinstance(expr, str) and expr.strip() in pset.zoo else "loss"
 
 
+def per_class_of(tree, pset, sign) -> tuple:
+    """(``formula.per_class`` with ``sign`` applied, None; or None, why there is none)."""
+    from . import formula as _formula
+    pset = load_pset(pset)
+    reason = _formula.per_class_reason(pset)
+    if reason is not None:
+        return None, reason
+    try:
+        form = _formula.per_class(tree, pset, sign=sign)
+    except Exception:  # noqa: BLE001 - a display nicety must never stop an export
+        form = None
+    if form is None:
+        return None, "no per-class form could be derived for this expression"
+    return form, None
+
+
 def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) -> dict:
     """One entry from expression text or a tree; ``sign`` None: the integrity check decides;
-    ``formula`` None: the simplified formula (``formula.formula``)."""
+    ``formula`` None: the simplified formula (``formula.formula``). The entry also holds
+    ``per_class`` (sign applied) and ``per_class_reason`` (:func:`per_class_of`)."""
     pset = load_pset(pset)
     tree = parse(expr, pset) if isinstance(expr, str) else expr
     if not isinstance(tree, gp.PrimitiveTree):
@@ -68,8 +88,11 @@ def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) 
     if formula is None:
         from . import symbolic
         formula = symbolic.formula(tree, pset)
-    return {"name": name, "tree": tree, "pset": pset, "sign": check_sign(sign),
-            "formula": str(formula), "expr": to_text(tree, pset), **extra}
+    sign = check_sign(sign)
+    form, reason = per_class_of(tree, pset, sign)
+    return {"name": name, "tree": tree, "pset": pset, "sign": sign,
+            "formula": str(formula), "expr": to_text(tree, pset), "per_class": form,
+            "per_class_reason": reason, **extra}
 
 
 def expr_entries(exprs, pset="paper", names=None) -> list:
@@ -170,7 +193,8 @@ def _json(entries) -> str:
     for e in entries:
         item = {"name": e["name"], "expr": e["expr"], "pset": e["pset"].name, "sign": e["sign"],
                 "formula": e["formula"], "latex": symbolic.latex(e["tree"], e["pset"]),
-                "key": symbolic.canonical_key(e["tree"], e["pset"], sign=e["sign"])}
+                "key": symbolic.canonical_key(e["tree"], e["pset"], sign=e["sign"]),
+                "per_class": e.get("per_class"), "per_class_reason": e.get("per_class_reason")}
         for extra in ("fitness", "candidate_id"):
             if e.get(extra) is not None:
                 item[extra] = e[extra]
@@ -187,15 +211,31 @@ def _latex(entries) -> str:
     lines = [f"% Losses exported by gp-loss {__version__}. y: one-hot target, p: softmax of the "
              "logits; log and 1/x are protected with eps = 1e-7.",
              "% Batch loss: mean over the batch of the per-sample loss below."]
+    if any(e.get("per_class") for e in entries):
+        lines.append("% Per class (sign applied: the loss minimised), a sample of true class t "
+                     "costs T(p_t) + sum over the other classes c of O(p_c).")
     lines += [f"% {line}" for line in _run_lines(entries)] + [r"\begin{align}"]
-    for i, e in enumerate(entries):
+    rows = []   # (row, trailing comment)
+    for e in entries:
         body = symbolic.latex(e["tree"], e["pset"])
         sign = "-" if e["sign"] == -1 else ""
         total = rf"\sum_{{c}} \left[ {body} \right]" if e["pset"].class_sum else body
-        end = r" \\" if i < len(entries) - 1 else ""
         name = e["name"].replace("_", r"\_")
-        lines.append(rf"\ell_{{\mathrm{{{name}}}}}(y, p) &= {sign}{total}{end}"
-                     f"  % {e['expr']}")
+        form = e.get("per_class")
+        why = e.get("per_class_reason")
+        rows.append((rf"\ell_{{\mathrm{{{name}}}}}(y, p) &= {sign}{total}", f"% {e['expr']}"
+                     + (f"; no per-class form: {why}" if form is None and why else "")))
+        if form is not None:
+            rows.append((rf"T_{{\mathrm{{{name}}}}}(p) &= {form['target_latex']} "
+                         r"\quad \text{true class}", ""))
+            rows.append((rf"O_{{\mathrm{{{name}}}}}(p) &= {form['other_latex']} "
+                         r"\quad \text{other classes}", ""))
+            if form.get("constant_dropped"):
+                rows.append((r"&\quad \text{(an additive constant dropped: it never changes "
+                             r"training)}", ""))
+    for i, (row, comment) in enumerate(rows):
+        end = r" \\" if i < len(rows) - 1 else ""
+        lines.append(row + end + (f"  {comment}" if comment else ""))
     lines.append(r"\end{align}")
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,11 @@ def i1e_ratio_per_sample(y, p):
 def i1e_ratio(logits, target):
     """exp(-p)*i1(p)/(1e-07 + exp(-1/(abs(asinh(y)) + 1))*i1(1/(abs(asinh(y)) + 1)))
 
+    Per class, with the sign applied (the loss minimised): a sample of true class t
+    costs T(p_t) + sum over the other classes c of O(p_c), where
+      true class:    T(p) = -6.18153*exp(-p)*i1(p)
+      other classes: O(p) = -4.80976*exp(-p)*i1(p)
+
     Expression: div(relu(i1e(mul(p, 1))), i1e(inv1p(asinh(y))))
     Sign: -1 (the expression is negated). Softmax inside (float32 or better); target: class indices (B,) or
     probabilities (B, C). Returns the mean over the batch.
