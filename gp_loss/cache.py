@@ -34,7 +34,9 @@ log = logging.getLogger("gp_loss.cache")
 
 # 2: a pre-screen at the last step (prescreen_steps >= steps) no longer fails a candidate,
 # so version-1 "prescreen" results of such settings must not be reused.
-CACHE_VERSION = 2
+# 3: results carry val_nll (the search's tie-break between equal fitnesses); version-2
+# results lack it, and a reused one would lose every tie.
+CACHE_VERSION = 3
 CACHEABLE_REASONS = ("nan_loss", "inf_loss", "prescreen", "early_stop")
 # Settings that do not change what training computes.
 _NOT_IN_KEY = ("device", "timeout_s", "download", "data_root")

@@ -236,8 +236,10 @@ def resume(run_dir, sets, device, top):
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True)
-@json_option("top (each with size, found, mutation, seeds, fitness_std), pareto, status, "
-             "counts, seconds, reference, state, config, elimination")
+@json_option("top (search-fitness order; each with size, found, mutation, seeds, fitness_std, "
+             "val_nll), finalists (a finished elimination's ranking, with score; null if "
+             "none), tie_break, pareto, status, counts, seconds, reference, state, config, "
+             "elimination")
 @click.option("--latex", "as_latex", is_flag=True, default=False,
               help="Print the top losses as a LaTeX tabular (rank, fitness, size, formula).")
 def show(run_dir, top, as_json, as_latex):
@@ -245,6 +247,11 @@ def show(run_dir, top, as_json, as_latex):
     over seeds when re-evaluated, formula, size, sign, how each was found), the Pareto front
     of fitness vs formula size, what the search did (rejections and duplicates by reason, time
     split) and the elimination rounds stored in the run, if any.
+
+    A finished elimination's final ranking leads (the one export RUN_DIR and compare
+    --from-run use); the search's table follows, ranked by fitness, ties broken by the lower
+    validation NLL (val_nll: the surrogate's validation cross-entropy at its best-accuracy
+    checkpoint).
 
     Works while the search is running (it only reads the run).
 

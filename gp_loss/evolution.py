@@ -9,12 +9,14 @@ The loop (DESIGN §6), written for clarity because training dominates the cost:
              (phase "initial", parent = the seeding row) before the population is chosen;
              a cheap fitness is never ranked against, or reused for, a surrogate fitness.
     repeat until `children` children were evaluated or reused:
-        parent  = best of `tournament` members drawn with replacement
+        parent  = best of `tournament` members drawn with replacement (equal fitness: the
+                  lower validation NLL wins, then the lower id; ``store.rank_key``)
         child   = mutate(parent) until it passes screening and is not the same as a member
                   (after `max_retries` rejections in a row: record it, draw a new parent)
         if the child is the same as a candidate evaluated earlier: reuse its stored result
         else: evaluate it (up to `executor.workers` evaluations in flight)
-        success -> insert it and remove the oldest member (ties: lowest fitness); failure ->
+        success -> insert it and remove the oldest member (ties: the worst by the same
+        ranking); failure ->
         recorded, not inserted
         (search.reeval_seeds > 1) a member that survived `reeval_after` births is trained with
         more seeds (phase "reeval", parent = the member); its fitness becomes the mean
@@ -46,6 +48,7 @@ from .evolution_start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
 from .executors import make_executor, wait_first
 from .fitness import evaluate
 from .psets import load_pset
+from .store import rank_key, tie_value
 from .trees import mutate, parse, to_text
 
 log = logging.getLogger("gp_loss.search")
@@ -129,9 +132,10 @@ class Evolution(StartPhases):
         birth = row["birth"] or 0
         # A child's age is its birth number (as in _commit_child): a child still in flight
         # when the run stopped must not come back as old as the initial members.
+        ok = row["status"] in ("evaluated", "reused")
         return Cand(row["id"], tree, row["key"], scr.fingerprint,
                     self.screen.phenotype(scr.curve, sign) if scr.curve is not None else None,
-                    sign, row["fitness"] if row["status"] in ("evaluated", "reused") else None,
+                    sign, row["fitness"] if ok else None, tie_value(row) if ok else None,
                     age=birth if row["phase"] == "child" else 0, birth=birth, phase=row["phase"])
 
     # ------------------------------------------------------------------ bookkeeping helpers
@@ -199,7 +203,7 @@ class Evolution(StartPhases):
     def _tournament(self, rng) -> Cand:
         ids = sorted(self.members)
         picks = [self.members[rng.choice(ids)] for _ in range(self.cfg.search.tournament)]
-        return max(picks, key=lambda c: (c.fitness, -c.id))
+        return min(picks, key=lambda c: rank_key(c.fitness, c.val_nll, c.id))
 
     def _propose_child(self):
         s, n = self.cfg.search, self.next_birth
@@ -256,6 +260,7 @@ class Evolution(StartPhases):
                     fitness=old["fitness"] if ok else None, result=old.get("result"),
                     engine_seconds=self._own_seconds(t0, rows), **common)
                 cand.fitness = old["fitness"] if ok else None
+                cand.val_nll = tie_value(old) if ok else None
                 self.children_done += 1
                 if ok:
                     self._insert(cand)
@@ -280,7 +285,11 @@ class Evolution(StartPhases):
         self._add_member(cand)
         self._note_best(cand.fitness, cand.tree)
         if len(self.members) > self.cfg.search.population:
-            oldest = min(self.members.values(), key=lambda c: (c.age, c.fitness, c.id))
+            # the oldest; among equally old ones the worst: lowest fitness, then the higher
+            # (or missing) validation NLL, then the lowest id
+            oldest = min(self.members.values(),
+                         key=lambda c: (c.age, c.fitness, c.val_nll is not None,
+                                        -(c.val_nll or 0.0), c.id))
             self.store.remove_member(oldest.id)
             del self.members[oldest.id]
             self.pool.remove(oldest.id)
@@ -334,6 +343,7 @@ class Evolution(StartPhases):
                        seconds=res.get("seconds"), result=res)
             if cand is not None and cand.phase != "reeval":
                 cand.fitness = fitness
+                cand.val_nll = tie_value(row) if ok else None
                 if cand.phase == "child":
                     self.pool.remove(cid)
                     self.children_done += 1

@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .store import row_rank_key, tie_value
 from .trees import parse, random_tree, to_text
 
 log = logging.getLogger("gp_loss.search")
@@ -38,6 +39,7 @@ class Cand:
     phenotype: object
     sign: int
     fitness: float | None = None
+    val_nll: float | None = None  # the tie-break between equal fitnesses (store.rank_key)
     age: int = 0
     birth: int = 0
     phase: str = "child"
@@ -50,10 +52,11 @@ class SearchStopped(Exception):
 
 def initial_population(rows, population: int) -> list[dict]:
     """The initial population among stored rows: the best ``population`` phase-``initial``
-    rows that trained (fitness descending, then lowest id), fewer when fewer trained (the rest
-    failed, e.g. the pre-screen). The one rule for the search, its log line and ``plot``."""
+    rows that trained (``store.row_rank_key``: fitness descending, then the lower validation
+    NLL, then the lowest id), fewer when fewer trained (the rest failed, e.g. the
+    pre-screen). The one rule for the search, its log line and ``plot``."""
     ok = [r for r in rows if r["phase"] == "initial" and r["status"] in ("evaluated", "reused")]
-    ok.sort(key=lambda r: (-r["fitness"], r["id"]))
+    ok.sort(key=row_rank_key)
     return ok[:population]
 
 
@@ -128,7 +131,7 @@ class StartPhases:
                 if r["status"] in ("evaluated", "reused")]
         if not rows:
             raise SearchStopped("no initial candidate trained successfully; see `gp-loss show`")
-        rows.sort(key=lambda r: (-r["fitness"], r["id"]))
+        rows.sort(key=row_rank_key)
         with self.store.transaction():
             for rank, r in enumerate(rows[:self.cfg.rescore_count()]):
                 self.store.add_candidate(r["expr"], "pending", phase="initial", birth=rank,
@@ -179,7 +182,8 @@ class StartPhases:
 
     def _reeval_done(self, parent: int):
         """All seeds of a member are back: its fitness becomes their mean (a failed seed
-        counts 0), the single-seed result stays in the row's result."""
+        counts 0), the single-seed result stays in the row's result; its tie-break
+        (val_nll) becomes the mean of the seeds' too, None unless every seed has one."""
         rows = self.store.candidates(phase="reeval")
         mine = [r for r in rows if r["parent_id"] == parent]
         if any(r["status"] == "pending" for r in mine):
@@ -191,12 +195,18 @@ class StartPhases:
             else 0.0
             for r in sorted(mine, key=lambda r: r["birth"])]
         mean = sum(seeds) / len(seeds)
-        self.store.update_candidate(parent, fitness=mean,
-                                    result={**first, "seed_fitness": seeds})
+        nlls = [tie_value({"result": first})] + [
+            tie_value(r) if r["status"] in ("evaluated", "reused") else None
+            for r in sorted(mine, key=lambda r: r["birth"])]
+        nll = None if None in nlls else sum(nlls) / len(nlls)
+        result = {**first, "seed_fitness": seeds, "seed_val_nll": nlls, "val_nll": nll}
+        self.store.update_candidate(parent, fitness=mean, result=result)
         if parent in self.members:
             self.members[parent].fitness = mean
+            self.members[parent].val_nll = nll
         if parent in self.past_rows:
-            self.past_rows[parent] = {**self.past_rows[parent], "fitness": mean}
+            self.past_rows[parent] = {**self.past_rows[parent], "fitness": mean,
+                                      "result": result}
         if self.best is not None and self.best[1] == row["expr"] and mean < self.best[0]:
             top = self.store.top(1)  # the single-seed best fell to its mean: find the new one
             self.best = None

@@ -3,7 +3,10 @@
 Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula`` (a pure
 function of the expression), computed here for the few rows shown rather than for every candidate in the loop
 (the engine's time belongs to the search). The elimination rounds stored in a run (``gp-loss
-eliminate``) are scored by ``eliminate.stored_rounds``, the same code that ranks them there.
+eliminate``) are scored by ``eliminate.stored_rounds``, the same code that ranks them there;
+a finished elimination's final ranking comes from ``RunStore.finalists``, the source that
+``export RUN_DIR`` and ``compare --from-run`` rank by (``RunStore.best``), and leads ``show``.
+Search rankings are ``RunStore.top``'s: fitness, then the tie-break ``store.TIE_BREAK``.
 The hall of fame carries each row's spread over seeds, formula size and origin; the Pareto
 front of fitness vs size is PySR's (``pareto_front``); ``format_latex`` is ``show --latex``.
 ``plots.py`` reads runs through the helpers here. Also the tqdm progress bar the search drives.
@@ -15,7 +18,8 @@ import statistics
 
 from .config import MODEL_ALIASES
 from .psets import load_pset
-from .store import SEARCH_PHASES, RunStore
+from .store import (SEARCH_PHASES, TIE_BREAK, TIE_BREAK_TEXT, RunStore, row_rank_key,
+                    tie_value)
 from .trees import parse
 
 _NODE = re.compile(r"[^(),\s]+")
@@ -42,11 +46,12 @@ def evaluated_rows(store) -> list[dict]:
 
 def pareto_front(rows) -> list[dict]:
     """PySR's front of fitness (higher is better) vs size (smaller is better): for each size
-    the best row (ties: lowest id), kept only if it beats every smaller size. Smallest first."""
+    the best row (ties: the lower validation NLL, then the lowest id: ``store.row_rank_key``),
+    kept only if it beats every smaller size. Smallest first."""
     best: dict = {}
     for r in rows:
         cur = best.get(r["size"])
-        if cur is None or (r["fitness"], -r["id"]) > (cur["fitness"], -cur["id"]):
+        if cur is None or row_rank_key(r) < row_rank_key(cur):
             best[r["size"]] = r
     front, bar = [], None
     for size in sorted(best):
@@ -86,9 +91,12 @@ def how_found(row, n_seeds: int = 0) -> str:
 
 
 def summary(store, top: int = 10, formulas: bool = True) -> dict:
-    """The ``show --json`` object: top (each with size, mutation, found, seeds, fitness_std),
-    pareto, status, counts, seconds, reference, state, config, elimination (the stored
-    elimination rounds, ``eliminate.score_round``'s tables; None when the run has none)."""
+    """The ``show --json`` object: top (search-fitness order, ties by ``tie_break``; each with
+    size, mutation, found, seeds, fitness_std, val_nll, per_class_sign), finalists (a finished
+    elimination's final ranking, what export and compare --from-run use: each with rank and
+    score; None when none finished), tie_break, pareto, status, counts, seconds, reference,
+    state, config, elimination (the stored elimination rounds, ``eliminate.score_round``'s
+    tables; None when the run has none)."""
     from . import symbolic
     from .eliminate import stored_rounds
 
@@ -112,7 +120,8 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
     classes: dict = {}
 
     def per_class(expr, sign):
-        """The per-class form with the search's sign applied (None where the set has none)."""
+        """The per-class form with the search's sign applied, as written (+1) where the sign
+        is unknown (``per_class_sign`` None says so); None where the set has none."""
         if not formulas:
             return None
         key = (expr, sign)
@@ -132,12 +141,19 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
         seeds, std = seed_spread(r)
         return {"id": r["id"], "expr": r["expr"], "formula": formula(r["expr"]),
                 "per_class": per_class(r["expr"], r["sign"]),
-                "fitness": r["fitness"], "sign": r["sign"], "status": r["status"],
+                "per_class_sign": r["sign"] if r["sign"] in (1, -1) else None,
+                "fitness": r["fitness"], "val_nll": tie_value(r), "sign": r["sign"],
+                "status": r["status"],
                 "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"],
                 "mutation": r["mutation"], "found": how_found(r, n_seeds),
                 "size": tree_size(r["expr"]), "seeds": seeds, "fitness_std": std}
 
     top_rows = [shown_row(r) for r in rows]
+    # The elimination's final ranking, from where export and compare --from-run read it.
+    finalists = None
+    if store.finalists(1):
+        finalists = [{"rank": i, **shown_row(r), "score": r["elimination_score"]}
+                     for i, r in enumerate(store.finalists(top) if top else [], 1)]
     pareto = [{"id": r["id"], "size": r["size"], "fitness": r["fitness"], "sign": r["sign"],
                "expr": r["expr"], "formula": formula(r["expr"])}
               for r in pareto_front(evaluated_rows(store))]
@@ -158,6 +174,8 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
     model = cfg["surrogate"]["model"]
     return {
         "top": top_rows,
+        "finalists": finalists,
+        "tie_break": TIE_BREAK,
         "pareto": pareto,
         "status": run_status(store),
         "run_dir": str(store.run_dir),
@@ -236,40 +254,82 @@ def _tex_escape(text: str) -> str:
                     "~": r"\~{}"}.get(ch, ch) for ch in text)
 
 
+def _form_cell(r: dict) -> str:
+    """A row's per-class form (its full formula where there is none); where the search's
+    sign is unknown the form is the expression as written, and the cell says so."""
+    form = r.get("per_class")
+    if not form:
+        return r["formula"] or r["expr"]
+    text = f"T = {form['target']} | O = {form['other']}{' *' if form['constant_dropped'] else ''}"
+    if r.get("per_class_sign") is None:
+        text += "  (sign unknown: as written, no sign applied)"
+    return text
+
+
+def _table(rows: list[dict], score: bool = False) -> list[str]:
+    """The hall-of-fame rows; with ``score`` an elimination's, its score first."""
+    first = f"{'score':>7}  {'fitness':>7}" if score else f"{'fitness':>7}  {'± sd':>6}"
+    head = "per-class form (T | O)" if any(r.get("per_class") for r in rows) else "formula"
+    with_nll = any(r.get("val_nll") is not None for r in rows)  # old stores have none
+    lines = [f"{'rank':>4}  {first}  " + (f"{'val NLL':>7}  " if with_nll else "")
+             + f"{'size':>4}  {'sign':>4}  {'id':>5}  {'found':<20}  {head}   [expression]"]
+    for i, r in enumerate(rows, 1):
+        if score:
+            first = f"{r['score']:>7.4f}  {r['fitness']:>7.4f}"
+        else:
+            std = f"{r['fitness_std']:.4f}" if r.get("fitness_std") is not None else ""
+            first = f"{r['fitness']:>7.4f}  {std:>6}"
+        nll = f"{r['val_nll']:.4f}" if r.get("val_nll") is not None else ""
+        sign = f"{r['sign']:+d}" if r["sign"] in (1, -1) else "?"
+        lines.append(f"{r.get('rank', i):>4}  {first}  " + (f"{nll:>7}  " if with_nll else "")
+                     + f"{r.get('size', ''):>4}  {sign:>4}  {r['id']:>5}  "
+                     f"{r.get('found', ''):<20}  {_form_cell(r)}   [{r['expr']}]")
+    return lines
+
+
 def format_summary(s: dict) -> str:
-    """A plain-text hall of fame with cross-entropy's fitness under the same budget."""
+    """A plain-text hall of fame with cross-entropy's fitness under the same budget; led by
+    a finished elimination's final ranking when the run has one (what export and compare
+    --from-run use), each table saying what it is ranked by."""
     lines = []
     c = s["config"]
     if s.get("status"):
         run_dir = s.get("run_dir", "RUN_DIR")
         lines.append(f"run {run_dir}: {_STATUS_TEXT[s['status']].format(run_dir=run_dir)}")
-    lines.append(f"Best losses ({c['pset']} set; {c['dataset']} / {c['model']}, "
-                 f"{c['steps']} steps; fitness = best validation accuracy)")
-    per_class = any(r.get("per_class") for r in s["top"])
+    per_class = any(r.get("per_class") for r in s["top"] + (s.get("finalists") or []))
     if per_class:
         lines.append("Per-class form, search sign applied: per sample, T at the true class "
                      "+ O summed over the other classes (* = an additive constant dropped); "
                      "full formulas: --json")
-    head = "per-class form (T | O)" if per_class else "formula"
-    lines.append(f"{'rank':>4}  {'fitness':>7}  {'± sd':>6}  {'size':>4}  {'sign':>4}  "
-                 f"{'id':>5}  {'found':<20}  {head}   [expression]")
-    for i, r in enumerate(s["top"], 1):
-        std = f"{r['fitness_std']:.4f}" if r.get("fitness_std") is not None else ""
-        sign = f"{r['sign']:+d}" if r["sign"] in (1, -1) else "?"
-        form = r.get("per_class")
-        shown = (f"T = {form['target']} | O = {form['other']}"
-                 f"{' *' if form['constant_dropped'] else ''}") if form else r["formula"]
-        lines.append(f"{i:>4}  {r['fitness']:>7.4f}  {std:>6}  {r.get('size', ''):>4}  "
-                     f"{sign:>4}  {r['id']:>5}  {r.get('found', ''):<20}  {shown}   "
-                     f"[{r['expr']}]")
+    tie = TIE_BREAK_TEXT if s.get("tie_break") == TIE_BREAK else s.get("tie_break")
+    if tie and s["top"] and all(r.get("val_nll") is None for r in s["top"]):
+        tie += " (not recorded by this run's version: by lowest id)"
+    if s.get("finalists"):
+        last = s["elimination"][-1] if s.get("elimination") else None
+        where = (f"round {last['round']}: {last['steps']} steps, {last['model']}, seed(s) "
+                 f"{','.join(str(x) for x in last['seeds'])}") if last else "its last round"
+        lines.append(f"Finalists, ranked by elimination (the ranking export and compare "
+                     f"--from-run use; score = mean best validation accuracy in {where}; "
+                     f"fitness = the search's)")
+        lines += _table(s["finalists"], score=True)
+        lines.append("")
+    elif s.get("elimination"):
+        lines.append("An elimination is stored but has not finished (rounds below): export and "
+                     "compare --from-run rank by search fitness until it does.")
+    what = "Best losses of the search" if s.get("finalists") else "Best losses"
+    lines.append(f"{what}, ranked by search fitness ({c['pset']} set; {c['dataset']} / "
+                 f"{c['model']}, {c['steps']} steps; fitness = best validation accuracy"
+                 + (f", ties broken by {tie}" if tie else "") + ")")
+    lines += _table(s["top"])
     for ref in s["reference"]:
         fit = f"{ref['fitness']:.4f}" if ref["fitness"] is not None else ref["status"]
         label = ref["expr"] if ref["name"] == ref["expr"] else f"{ref['name']}  [{ref['expr']}]"
-        lines.append(f"{'ref':>4}  {fit:>7}  {'':>6}  {'':>4}  {'':>4}  {'':>5}  {'':<20}  "
-                     f"{label} (same budget and seed)")
+        pad = f"{'':>7}  " if any(r.get("val_nll") is not None for r in s["top"]) else ""
+        lines.append(f"{'ref':>4}  {fit:>7}  {'':>6}  {pad}{'':>4}  {'':>4}  {'':>5}  "
+                     f"{'':<20}  {label} (same budget and seed)")
     if any(r.get("seeds") for r in s["top"]):
         lines.append("± sd: standard deviation over the seeds of a re-evaluated candidate "
-                     "(fitness = their mean); size: nodes of the expression tree")
+                     "(fitness = their mean; val NLL too); size: nodes of the expression tree")
     if s.get("pareto"):
         lines += ["", "Pareto front: the best fitness at each formula size that beats every "
                       "smaller one", f"  {'size':>4}  {'fitness':>7}  {'id':>5}  formula"]

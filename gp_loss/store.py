@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sqlite3
@@ -39,6 +40,36 @@ STATUSES = ("evaluated", "reused", "failed", "rejected", "duplicate", "near_dupl
             "pending")
 SEARCH_PHASES = ("initial", "child")  # rows the search itself proposed (vs reference, elimN)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# The ranking of candidates, everywhere the search or a reader picks a best: higher fitness,
+# then the tie-break TIE_BREAK, a key of the evaluation's result (train.py's ``val_nll``: the
+# validation NLL of the surrogate at its best-accuracy checkpoint; lower wins, rows without it,
+# e.g. from stores written before it existed, after those with it), then the lower id.
+TIE_BREAK = "val_nll"
+TIE_BREAK_TEXT = "validation NLL, lower wins"
+_NLL_SQL = (f"(CASE WHEN json_valid(result_json) THEN "
+            f"json_extract(result_json, '$.{TIE_BREAK}') END)")
+RANK_SQL = f"fitness DESC, {_NLL_SQL} IS NULL, {_NLL_SQL}, id"
+
+
+def tie_value(row: Mapping) -> float | None:
+    """A stored row's tie-break value (None when its result has none, or no finite one)."""
+    value = (row.get("result") or {}).get(TIE_BREAK)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def rank_key(fitness: float, tie: float | None, cid: int) -> tuple:
+    """Sort key, best first: higher fitness, then lower tie-break value (None last), then
+    lower id. The Python twin of ``RANK_SQL``."""
+    return (-fitness, tie is None, tie if tie is not None else 0.0, cid)
+
+
+def row_rank_key(row: Mapping) -> tuple:
+    """``rank_key`` of a stored row with a fitness."""
+    return rank_key(row["fitness"], tie_value(row), row["id"])
+
 
 _COLUMNS = ("phase", "birth", "expr", "formula", "key", "parent_id", "mutation", "status",
             "reason", "fitness", "sign", "seconds", "engine_seconds", "timings", "result",
@@ -494,7 +525,8 @@ class RunStore:
 
     def top(self, k: int = 10, members_only: bool = False, distinct: bool = True,
             phases: tuple = SEARCH_PHASES) -> list[dict]:
-        """Best candidates with a fitness, best first (ties: earliest id); ``distinct`` keeps
+        """Best candidates with a fitness, best first (``RANK_SQL``: ties by the lower
+        validation NLL, then the earliest id); ``distinct`` keeps
         one row per canonical key; ``members_only`` looks at the current population only;
         ``phases``: which rows compete (the search's own by default, not references or
         elimination re-runs)."""
@@ -504,10 +536,10 @@ class RunStore:
         source += f" AND c.phase IN ({', '.join(repr(p) for p in phases)})"
         if distinct:
             sql = (f"SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY "
-                   f"COALESCE(key, 'id:' || id) ORDER BY fitness DESC, id) AS rank_in_key "
-                   f"FROM ({source})) WHERE rank_in_key = 1 ORDER BY fitness DESC, id LIMIT ?")
+                   f"COALESCE(key, 'id:' || id) ORDER BY {RANK_SQL}) AS rank_in_key "
+                   f"FROM ({source})) WHERE rank_in_key = 1 ORDER BY {RANK_SQL} LIMIT ?")
         else:
-            sql = f"{source} ORDER BY c.fitness DESC, c.id LIMIT ?"
+            sql = f"SELECT * FROM ({source}) ORDER BY {RANK_SQL} LIMIT ?"
         rows = [_row(r) for r in self._conn.execute(sql, (k,))]
         for r in rows:
             r.pop("rank_in_key", None)

@@ -46,6 +46,12 @@ Hyperparameters (`SURROGATE_DEFAULTS`) and why:
                            new loss never recompiles. Never on CPU, which stays deterministic.
   download False           torchvision datasets are read from data_root, never fetched unasked.
 
+Validation NLL: each evaluation also computes the mean negative log-likelihood of the
+network's softmax on the validation split (float64, the same for every candidate loss: it
+measures the network, not the loss it was trained with); the value at the best-accuracy
+checkpoint is returned as `val_nll`, the search's tie-break between equal fitnesses (lower
+wins). It costs one log-softmax per evaluation and, on CPU, is as reproducible as the rest.
+
 Training accuracy is counted over "windows" (the steps since the previous event); the
 pre-screen compares the best window so far with its threshold, the mid-run rule the latest
 window, like the Keras epoch accuracies of the authors' code.
@@ -187,9 +193,13 @@ def lr_schedule(lr: float, steps: int, warmup_fraction: float) -> list[float]:
 
 
 @torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=None) -> float:
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=None,
+              with_nll: bool = False):
+    """Accuracy of ``model`` on (x, y); with ``with_nll`` the pair (accuracy, mean negative
+    log-likelihood of its softmax in float64, None if not finite)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    nll = torch.zeros((), dtype=torch.float64, device=x.device)
     for i in range(0, x.shape[0], _EVAL_CHUNK):
         xb = x[i:i + _EVAL_CHUNK]
         if fast is not None:
@@ -199,8 +209,15 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=Non
         else:
             logits = model(xb)
         correct += (logits.argmax(1) == y[i:i + _EVAL_CHUNK]).sum()
+        if with_nll:
+            nll += torch.nn.functional.cross_entropy(logits.double(), y[i:i + _EVAL_CHUNK],
+                                                     reduction="sum")
     model.train()
-    return correct.item() / max(1, x.shape[0])
+    acc = correct.item() / max(1, x.shape[0])
+    if not with_nll:
+        return acc
+    value = nll.item() / max(1, x.shape[0])
+    return acc, (value if math.isfinite(value) else None)
 
 
 # Resized validation/test splits, per process: resized once, not at every evaluation. The key
@@ -276,7 +293,9 @@ def train_candidate(loss_fn: LossFn, surrogate: dict, *, seed: int = 0, device: 
     """Train the surrogate with `loss_fn(logits, target_int64) -> scalar` and score it.
 
     Returns {status: "ok"|"failed", reason: None|str, fitness: best val acc (0.0 before any
-    evaluation), val_acc (same), test_acc (accuracy of the best-val checkpoint, only with
+    evaluation), val_acc (same), val_nll (mean negative log-likelihood of the network's
+    softmax on the validation split at that best-accuracy checkpoint, the first one to reach
+    it; None before any evaluation: the search's tie-break, lower wins), test_acc (accuracy of the best-val checkpoint, only with
     with_test, else None), train_acc (latest training window), steps (steps run), seconds,
     device, weights_hash (digest of the final weights)}. Failure reasons: "nan_loss",
     "inf_loss", "prescreen", "early_stop", "timeout", "error: <Type>: <message>". On CPU the
@@ -377,6 +396,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     seen = 0
     best_val = -1.0
+    best_nll = None  # validation NLL at the best-accuracy checkpoint: the tie-break
     best_state = None
     train_acc = best_train = 0.0
     status, reason = "ok", None
@@ -447,9 +467,9 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
             status, reason = "failed", "early_stop"
             break
         if (step % eval_every == 0 or step == stage_end) and not cfg.get("_prescreen_run"):
-            val = _accuracy(model, x_val, splits.y_val, fast)
+            val, nll = _accuracy(model, x_val, splits.y_val, fast, True)  # (acc, NLL)
             if val > best_val:
-                best_val, best_size = val, size
+                best_val, best_size, best_nll = val, size, nll
                 if with_test:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step == stage_end and step < steps:  # progressive learning: the next stage
@@ -466,7 +486,7 @@ def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
     fitness = max(best_val, 0.0)
     return {
         "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,
-        "test_acc": test_acc, "train_acc": train_acc, "steps": step, "seconds": 0.0,
+        "val_nll": best_nll, "test_acc": test_acc, "train_acc": train_acc, "steps": step, "seconds": 0.0,
         "device": str(dev), "weights_hash": weights_hash,
     }
 

@@ -411,3 +411,13 @@ def test_export_top3_round_trips_value_and_gradient(run_dir, tmp_path, invoke):
     data = json.loads(invoke("export", run_dir, "--top", "3", "--format", "json", "-o", "-"))
     assert data["run"]["dir"] == str(run_dir.resolve())
     assert [x["candidate_id"] for x in data["losses"]] == [r["id"] for r in top]
+
+
+def test_pareto_front_breaks_fitness_ties_by_the_lower_validation_nll():
+    rows = [{"id": 1, "size": 3, "fitness": 0.7, "result": {"val_nll": 0.9}},
+            {"id": 2, "size": 3, "fitness": 0.7, "result": {"val_nll": 0.4}},
+            {"id": 3, "size": 3, "fitness": 0.6, "result": {"val_nll": 0.1}},
+            {"id": 4, "size": 5, "fitness": 0.8},  # a row of an old store: no val_nll
+            {"id": 5, "size": 5, "fitness": 0.8, "result": {"val_nll": 2.0}}]
+    assert [r["id"] for r in pareto_front(rows)] == [2, 5]
+

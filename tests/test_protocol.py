@@ -176,9 +176,10 @@ def test_compare_explicit_cells(run):
             "--cell", "model=mlp", "--seeds", 2, "--json", *TINY)
     assert r.exit_code == 0, r.output
     cells = json.loads(r.stdout)["cells"]
+    default = load_config(None).surrogate.train_fraction  # quick.toml's
     assert [(c["dataset"], c["model"], c["train_fraction"], c["settings"]) for c in cells] == \
         [("digits", cells[0]["model"], 0.5, {"train_fraction": 0.5}),
-         (cells[1]["dataset"], "mlp", 1.0, {})]
+         (cells[1]["dataset"], "mlp", default, {})]
     assert cells[0]["label"].endswith(" train_fraction=0.5")
     # both cells are in one Holm correction
     ps = [c["results"]["baikal"]["p_value"] for c in cells]
@@ -570,3 +571,54 @@ def test_from_run_ranks_by_a_finished_elimination(tmp_path):
     assert any("elimination score" in line for line in lines)
     assert [r["expr"] for r in plots.load_run(tmp_path / "run", 3).top] == \
         [l.expr for l in losses]
+
+
+def test_show_leads_with_the_ranking_export_and_compare_use(run, tmp_path):
+    """Once an elimination finished, show's first table is its final ranking (the order of
+    export RUN_DIR and compare --from-run, with the scores); --json keeps top in search order
+    and adds finalists. Each table says what it is ranked by."""
+    from gp_loss import export
+
+    store, ids, sur = _store(tmp_path / "run")
+    store.close()
+    s = json.loads(run("show", tmp_path / "run", "--json").stdout)
+    assert s["finalists"] is None and s["tie_break"] == "val_nll"
+    text = run("show", tmp_path / "run").stdout
+    assert "ranked by search fitness" in text and "ranked by elimination" not in text
+    store = RunStore.open(tmp_path / "run")
+    rounds = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1]}, sur)
+    protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    store.close()
+    s = json.loads(run("show", tmp_path / "run", "--json").stdout)
+    exported = export.run_entries(tmp_path / "run", 5)
+    losses = protocol.run_losses(tmp_path / "run", 5)
+    assert [f["id"] for f in s["finalists"]] == [e["candidate_id"] for e in exported]
+    assert [f["expr"] for f in s["finalists"]] == [l.expr for l in losses]
+    assert [f["score"] for f in s["finalists"]] == [e["elimination_score"] for e in exported]
+    assert [f["rank"] for f in s["finalists"]] == [1, 2]
+    assert [t["fitness"] for t in s["top"]] == [0.9, 0.8, 0.7, 0.6, 0.5]  # search order
+    assert s["finalists"][0]["id"] != s["top"][0]["id"], "the test needs a reordering"
+    text = run("show", tmp_path / "run").stdout
+    lead = text.index("ranked by elimination")
+    assert lead < text.index("ranked by search fitness")
+    first_row = text[lead:].splitlines()[2].split()
+    assert first_row[:2] == ["1", f"{s['finalists'][0]['score']:.4f}"]
+    assert str(s["finalists"][0]["id"]) in first_row
+
+
+def test_show_says_where_a_rows_sign_is_unknown(run, tmp_path):
+    """The per-class form is shown with the search's sign; a row whose sign is unknown (NULL)
+    gets the form as written, and its row says so instead of passing it off as signed."""
+    store, ids, sur = _store(tmp_path / "run")
+    unknown = store.add_candidate("neg(mul(y, log(p)))", "evaluated", phase="child", birth=9,
+                                  key="k9", fitness=0.95, sign=None)
+    store.close()
+    s = json.loads(run("show", tmp_path / "run", "--json").stdout)
+    row = next(t for t in s["top"] if t["id"] == unknown)
+    assert row["sign"] is None and row["per_class_sign"] is None
+    assert row["per_class"]["target"] == "-log(p + 1e-07)"  # as written
+    assert {t["per_class_sign"] for t in s["top"] if t["id"] != unknown} == {1}
+    lines = run("show", tmp_path / "run").stdout.splitlines()
+    mine = [line for line in lines if f" {unknown} " in line and "T = " in line]
+    assert len(mine) == 1 and "sign unknown" in mine[0] and " ? " in mine[0]
+    assert not any("sign unknown" in line for line in lines if line not in mine)

@@ -184,3 +184,26 @@ def test_one_writer_per_run_directory(tmp_path):
     hold.kill()
     hold.wait()
     RunStore.open(run_dir).close()
+
+
+def test_top_breaks_fitness_ties_by_the_lower_validation_nll(store):
+    """Ranking: fitness, then the lower ``val_nll`` of the result (store.TIE_BREAK), rows
+    without one (stores written before it existed) after those with it, then the lower id."""
+    from gp_loss.store import RANK_SQL, TIE_BREAK, row_rank_key
+
+    assert TIE_BREAK == "val_nll" and "json_extract" in RANK_SQL
+    old = store.add_candidate("a", "evaluated", key="a", fitness=0.9)  # no result at all
+    no_nll = store.add_candidate("b", "evaluated", key="b", fitness=0.9, result={"val_acc": 0.9})
+    high = store.add_candidate("c", "evaluated", key="c", fitness=0.9, result={"val_nll": 0.4})
+    low = store.add_candidate("d", "evaluated", key="d", fitness=0.9, result={"val_nll": 0.2})
+    better = store.add_candidate("e", "evaluated", key="e", fitness=0.95,
+                                 result={"val_nll": 9.0})
+    nan = store.add_candidate("f", "evaluated", key="f", fitness=0.1,
+                              result={"val_nll": float("nan")})  # not JSON SQLite reads
+    dup = store.add_candidate("g", "reused", key="d", fitness=0.9, result={"val_nll": 0.1})
+    want = [better, dup, high, old, no_nll, nan]  # dup is key d's best row (lower NLL than d)
+    assert [r["id"] for r in store.top(10)] == want
+    assert [r["id"] for r in store.top(10, distinct=False)] == [better, dup, low, high, old,
+                                                                no_nll, nan]
+    rows = store.candidates()
+    assert [r["id"] for r in sorted(rows, key=row_rank_key)][:5] == [better, dup, low, high, old]

@@ -150,6 +150,7 @@ def test_same_seed_is_bit_for_bit_identical_whatever_ran_before():
     b = train_candidate(F.cross_entropy, SHORT, seed=3)
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is left alone
     assert a["fitness"] == b["fitness"] and a["train_acc"] == b["train_acc"]
+    assert a["val_nll"] == b["val_nll"]  # the tie-break is as reproducible as the fitness
     assert a["weights_hash"] == b["weights_hash"]
     c = train_candidate(F.cross_entropy, SHORT, seed=4)
     assert c["weights_hash"] != a["weights_hash"]
@@ -206,9 +207,9 @@ def test_test_split_only_with_with_test(monkeypatch):
     seen = []
     real = train._accuracy
 
-    def spy(model, x, y, *rest):
+    def spy(model, x, y, *rest, **kw):
         seen.append(x.data_ptr())
-        return real(model, x, y, *rest)
+        return real(model, x, y, *rest, **kw)
 
     monkeypatch.setattr(train, "_accuracy", spy)
     test_ptr = data.load_splits("digits").x_test.data_ptr()
@@ -221,6 +222,30 @@ def test_test_split_only_with_with_test(monkeypatch):
     assert 0.0 < rt["test_acc"] <= 1.0 and not math.isnan(rt["test_acc"])
     # keeping a checkpoint for the test split does not change the training itself
     assert (rt["fitness"], rt["weights_hash"]) == (r["fitness"], r["weights_hash"])
+
+
+def test_val_nll_is_the_validation_cross_entropy_at_the_best_checkpoint(monkeypatch):
+    """The tie-break: mean NLL of the network's softmax on the validation split, taken at the
+    best-accuracy checkpoint (here the only evaluation, at the last step), whatever loss
+    trained it."""
+    built = []
+    real = train.build_model
+
+    def keep(*args, **kw):
+        built.append(real(*args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(train, "build_model", keep)
+    r = train_candidate(lambda z, t: (z - F.one_hot(t, 10)).square().mean(),
+                        {**SHORT, "eval_every": 60}, seed=1)
+    assert r["status"] == "ok" and len(built) == 1
+    splits = data.load_splits("digits")
+    with torch.no_grad():
+        built[0].eval()
+        nll = F.cross_entropy(built[0](splits.x_val).double(), splits.y_val).item()
+    assert r["val_nll"] == pytest.approx(nll, rel=1e-9) and r["val_nll"] > 0
+    # a failure before any evaluation has none
+    assert train_candidate(_nan_loss, SHORT)["val_nll"] is None
 
 
 def test_mlp_trains_too():
