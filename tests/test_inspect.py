@@ -421,3 +421,21 @@ def test_pareto_front_breaks_fitness_ties_by_the_lower_validation_nll():
             {"id": 5, "size": 5, "fitness": 0.8, "result": {"val_nll": 2.0}}]
     assert [r["id"] for r in pareto_front(rows)] == [2, 5]
 
+
+def test_the_readme_shows_the_current_show_headers(run_dir):
+    """The README's `make search` block is real output of the current `show` format: its
+    ranking header and column line are what format_summary prints for those settings."""
+    from pathlib import Path
+
+    from gp_loss import report
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    with _store(run_dir) as store:
+        s = report.summary(store, 3)
+    s["config"] = {**s["config"], "dataset": "digits", "model": "tiny", "steps": 300}
+    s["top"] = [{**t, "val_nll": t.get("val_nll") or 1.0} for t in s["top"]]
+    lines = report.format_summary(s).splitlines()
+    header = next(x for x in lines if x.startswith("Best losses, ranked by search fitness"))
+    columns = lines[lines.index(header) + 1]
+    assert "ties broken by validation NLL, lower wins" in header
+    assert header in readme and columns in readme
