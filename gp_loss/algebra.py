@@ -31,6 +31,13 @@ MAX_TERMS = 256       # expansion of one node is skipped when it would exceed th
 _EPS = sympy.Rational(EPS)  # the exact double the printed code uses
 
 
+def _neg(x):
+    """-x, with a sum negated term by term: under the display's ``distribute(False)``, -x of a
+    sum is (-1)*(sum), which claims a minus sign to extract as the sum did (an endless
+    flip between the two in the parity rules)."""
+    return sympy.Add(*[-t for t in x.args]) if x.is_Add else -x
+
+
 def _nonneg(x) -> bool:
     """Structurally >= 0 for every real value of the symbols (every expression here is real)."""
     if x.is_Number:
@@ -69,7 +76,7 @@ class kabs(sympy.Function):
         if isinstance(x, kabs) or _nonneg(x):
             return x
         if x.could_extract_minus_sign():
-            return cls(-x)
+            return cls(_neg(x))
         s = _linear_unit_sign(x)
         if s:
             return s * x
@@ -90,7 +97,7 @@ class ksig(sympy.Function):
         if x == 0:
             return sympy.Rational(1, 2)
         if x.could_extract_minus_sign():
-            return 1 - cls(-x)
+            return 1 - cls(_neg(x))
         return None
 
 
@@ -132,7 +139,7 @@ def _parity_function(name, odd: bool, at_zero):
         if x == 0:
             return sympy.Integer(at_zero)
         if x.could_extract_minus_sign():
-            return -cls(-x) if odd else cls(-x)
+            return -cls(_neg(x)) if odd else cls(_neg(x))
         return None
 
     return type(name, (sympy.Function,), {"nargs": 1, "eval": classmethod(eval),
@@ -240,7 +247,7 @@ def _rebuild(node, args):
     if func is plog:   # ln(||x|| + eps) = ln(|-x| + eps) = ln(|x| + eps)
         (x,) = args
         x = x.args[0] if isinstance(x, kabs) else x
-        return plog(-x if x.could_extract_minus_sign() else x)
+        return plog(_neg(x) if x.could_extract_minus_sign() else x)
     if func is sympy.exp and isinstance(args[0], plog):   # exp(ln(|x| + eps)) = |x| + eps
         return kabs(args[0].args[0]) + _EPS
     return func(*args)

@@ -19,13 +19,15 @@ Display only: nothing here feeds a key or a decision. Fed by ``symbolic`` (tree 
 """
 from __future__ import annotations
 
+import math
+
 import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from .algebra import P
 from .lowering import (EXACT_EPS, RTOL, Unevaluable, agree, domain, evaluate, lower,
-                       round_constants)
+                       near_zeros, round_constants)
 from .psets import load_pset
 from .symbolic import _bad, _walk, to_sympy
 from .trees import to_text
@@ -98,6 +100,7 @@ def _tidy(expr):
 
 def _present(raw, dom):
     """(plain expression equal to ``raw`` on ``dom``, whether it shows 6-digit constants)."""
+    dom = near_zeros(raw, dom)
     try:
         reference = evaluate(raw, dom)
     except Unevaluable:
@@ -169,9 +172,29 @@ def per_class_reason(pset="paper"):
     return None
 
 
+def _top_terms(expr):
+    """Additive terms, through numeric factors (2*(p + 1) when SymPy kept it so)."""
+    out = []
+    for term in sympy.Add.make_args(expr):
+        coeff, rest = term.as_coeff_Mul()
+        if rest.is_Add and coeff.is_finite:
+            out += [coeff * t for t in _top_terms(rest)]
+        else:
+            out.append(term)
+    return out
+
+
+def _signed(sign, expr):
+    """``sign * expr`` with the sign taken into each term (-(a + b) reads -a - b)."""
+    return expr if sign == 1 else sympy.Add(*[-t for t in sympy.Add.make_args(expr)])
+
+
 def _drop_constant(expr):
-    keep = [t for t in sympy.Add.make_args(expr) if t.has(P)]
-    return sympy.Add(*keep), len(keep) != len(sympy.Add.make_args(expr)) and expr != 0
+    if expr.has(sympy.nan):   # a NaN loss (a NaN constant): nothing to drop
+        return expr, False
+    terms = _top_terms(expr)
+    keep = [t for t in terms if t.has(P)]
+    return sympy.Add(*keep), len(keep) != len(terms) and expr != 0
 
 
 def _one_class(expr_float, expr_exact, dom, dom_exact):
@@ -179,8 +202,51 @@ def _one_class(expr_float, expr_exact, dom, dom_exact):
     shown, _ = _present(body, dom)
     exact = expr_exact
     if exact is not None:
-        exact = lower(_drop_constant(exact)[0], dom_exact, eps=EXACT_EPS)
+        exact = _drop_constant(exact)[0]
+        exact = lower(exact, near_zeros(exact, dom_exact), eps=EXACT_EPS)
     return shown, exact, dropped
+
+
+def _nonfinite(value):
+    return sympy.nan if math.isnan(value) else sympy.oo if value > 0 else -sympy.oo
+
+
+def _exact_constants(expr, forms):
+    """``expr`` with each constant symbol replaced by its exact value (protected ops in it
+    read plainly where that keeps its value, as in ``lower``), unevaluated, for printing."""
+    with sympy.evaluate(False):
+        swap = {s: _fold_rationals(lower(forms[s], {}, eps=EXACT_EPS))
+                for s in expr.free_symbols if s in forms}
+        return _fold_rationals(expr.xreplace(swap)) if swap else expr
+
+
+def _fold_rationals(expr):
+    """Sums, products and integer powers of rationals evaluated (0 + 1/10000000 reads
+    1/10000000); everything else left as it stands (unevaluated)."""
+    memo: dict = {}
+    for node in sympy.postorder_traversal(expr):
+        if node in memo:
+            continue
+        if node.is_Atom or not node.args:
+            memo[node] = node
+            continue
+        args = [memo[a] for a in node.args]
+        small = [a for a in args if a.is_Rational and max(abs(a.p), a.q).bit_length() < 256]
+        if node.func is sympy.Pow and len(small) == 2 and args[1].is_Integer:
+            with sympy.evaluate(True):
+                memo[node] = node.func(*args)
+        elif node.func in (sympy.Add, sympy.Mul) and small:
+            with sympy.evaluate(True):
+                number = node.func(*small)
+            rest = [a for a in args if a not in small]
+            unit = 0 if node.func is sympy.Add else 1
+            if node.func is sympy.Mul and number == 0:
+                rest = []
+            terms = ([number] if number != unit or not rest else []) + rest
+            memo[node] = terms[0] if len(terms) == 1 else node.func(*terms, evaluate=False)
+        else:
+            memo[node] = node.func(*args, evaluate=False) if args != list(node.args) else node
+    return memo[expr]
 
 
 EXACT_MAX_SIZE = 60   # target_exact/other_exact are computed exactly up to this tree size
@@ -196,26 +262,32 @@ def per_class(tree, pset="paper", sign: int = 1):
 
     def make():
         f1, f0 = _walk(tree, pset, ys=(1, 0), constants="float")
-        # Exact texts: rational constants exact, others named by their expression (SymPy's
-        # exact evaluation of transcendental constants can run for minutes).
+        # Exact texts: rational constants exact, others symbols while lowering decides (SymPy's
+        # exact evaluation of transcendental constants can run for minutes), then shown as
+        # their exact value, unevaluated (sigmoid(1), not 0.731059); a constant the loss
+        # computes as NaN or +-inf (float64 overflow) is that.
         labels: dict = {}
+        forms: dict = {}
         exact = [None, None]
         if len(tree) <= EXACT_MAX_SIZE:
             try:
-                exact = _walk(tree, pset, ys=(1, 0), constants="atoms_shown", labels=labels)
-                exact = [None if _bad(e) else sign * e for e in exact]
+                exact = _walk(tree, pset, ys=(1, 0), constants="atoms_shown", labels=labels,
+                              exact=forms)
+                worst = {sympy.Symbol(k, real=True): _nonfinite(v) for k, v in labels.items()
+                         if not math.isfinite(v)}
+                exact = [None if _bad(e) else _signed(sign, e.xreplace(worst)) for e in exact]
             except (ValueError, TypeError, ArithmeticError, RecursionError):
                 exact = [None, None]
         p_only = {"p": domain(per_sample=False)["p"]}
         p_exact = dict(p_only, **labels)
         out, dropped = {}, False
         for side, fl, ex in (("target", f1, exact[0]), ("other", f0, exact[1])):
-            shown, exact_shown, d = _one_class(sign * fl, ex, p_only, p_exact)
+            shown, exact_shown, d = _one_class(_signed(sign, fl), ex, p_only, p_exact)
             dropped |= d
             out[side] = _TEXT.doprint(shown)
             out[f"{side}_latex"] = _TEX.doprint(shown)
-            out[f"{side}_exact"] = _TEXT.doprint(exact_shown) if exact_shown is not None \
-                else out[side]
+            out[f"{side}_exact"] = _TEXT.doprint(_exact_constants(exact_shown, forms)) \
+                if exact_shown is not None else out[side]
         out["constant_dropped"] = bool(dropped)
         return out
 

@@ -71,6 +71,11 @@ _TYPED = {"mse", "kl", "ce", "dot", "csum"}
 def evaluate(expr, env: dict):
     """float64 values of ``expr`` with symbols bound by ``env`` (name -> array); numpy
     broadcasting rules; the typed reductions sum over the last axis."""
+    return _values(expr, env)[expr]
+
+
+def _values(expr, env: dict) -> dict:
+    """Every node's value (node -> array) of ``expr`` under ``env``."""
     memo: dict = {}
     stack = [(expr, False)]
     elem_shape = np.shape(env.get("p", ()))
@@ -94,7 +99,7 @@ def evaluate(expr, env: dict):
                 stack.extend((a, False) for a in node.args if a not in memo)
             else:
                 memo[node] = _apply(node, [memo[a] for a in node.args], elem_shape)
-    return memo[expr]
+    return memo
 
 
 def _apply(node, args, elem_shape):
@@ -147,6 +152,88 @@ def agree(value, reference, rtol: float = RTOL) -> bool:
         return False
     scale = np.maximum(np.abs(b), FLOOR * np.abs(b).max())
     return bool(np.all(np.abs(a - b) <= rtol * scale))
+
+
+# Around each point where a subexpression is zero, the decisions also look at these relative
+# offsets: a rounded constant that moves a pole or a sign change, or a plain 1/x whose argument
+# passes through 0, shows there -- between any fixed grid's points (tanh(1/(p - 0.731059)) is
+# not tanh(1/(p - sigmoid(1))) for p between the two). Poles are zoomed in on the same way.
+NEAR = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4)
+ZOOM_WIDTH, ZOOM_ROUNDS, MAX_ZEROS = 65, 10, 128   # 64**10: any bracket down to float spacing
+
+
+def near_zeros(expr, dom: dict) -> dict:
+    """``dom`` (a class-sum domain: 1-D p, y in {0, 1} or absent) plus the points around each
+    zero of a p-dependent subexpression of ``expr``: every interior minimum of |node| on the
+    grid (a zero) and every interior maximum (a pole), zoomed in on (a fixed number of rounds
+    and points: bounded work). Per-sample
+    domains (rows) are returned as they are."""
+    p = np.asarray(dom.get("p"))
+    if p.ndim != 1 or not p.size:
+        return dom
+    grid = np.unique(p)
+    lo_end, hi_end = grid[0], grid[-1]
+    fixed = {k: v for k, v in dom.items() if k not in ("y", "p")}
+    ys = np.unique(dom["y"]) if "y" in dom else [None]
+    new_y, new_p = [], []
+    for yv in ys:
+        env = dict(fixed, p=grid, **({} if yv is None else {"y": np.float64(yv)}))
+        try:
+            roots = _zeros(expr, env, grid)
+        except Unevaluable:
+            continue
+        if not roots.size:
+            continue
+        extra = [roots] + [roots * (1 + s * r) for r in NEAR for s in (-1, 1)]
+        pts = np.setdiff1d(np.clip(np.concatenate(extra), lo_end, hi_end), grid)
+        new_p.append(pts)
+        if yv is not None:
+            new_y.append(np.full_like(pts, yv))
+    if not new_p:
+        return dom
+    out = dict(dom, p=np.concatenate([p, *new_p]))
+    if "y" in dom:
+        out["y"] = np.concatenate([np.asarray(dom["y"], dtype=float), *new_y])
+    return out
+
+
+def _zeros(expr, env, grid):
+    brackets = []   # (node number, lo, hi)
+    nodes = []
+    for node, v in _values(expr, env).items():
+        if np.shape(v) != grid.shape:
+            continue
+        a = np.abs(np.asarray(v, dtype=float))
+        a[~np.isfinite(a)] = np.inf
+        with np.errstate(divide="ignore"):
+            for sign, b in ((1, a), (-1, 1.0 / a)):   # zeros, then poles (maxima of |v|)
+                mins = np.flatnonzero((b[1:-1] < b[:-2]) & (b[1:-1] <= b[2:])) + 1
+                if mins.size:
+                    nodes.append((node, sign))
+                    brackets += [(len(nodes) - 1, grid[j - 1], grid[j + 1]) for j in mins]
+    brackets = sorted(set(brackets))[:MAX_ZEROS]
+    if not brackets:
+        return np.zeros(0)
+    which = np.array([b[0] for b in brackets])
+    lo = np.array([b[1] for b in brackets])
+    hi = np.array([b[2] for b in brackets])
+    t = np.linspace(0.0, 1.0, ZOOM_WIDTH)
+    rows = np.arange(len(brackets))
+    for _ in range(ZOOM_ROUNDS):
+        pts = lo[:, None] + (hi - lo)[:, None] * t
+        values = _values(expr, dict(env, p=pts.ravel()))
+        best = np.zeros(len(brackets), dtype=int)
+        for k in np.unique(which):
+            sel = which == k
+            node, sign = nodes[k]
+            v = np.broadcast_to(np.asarray(values[node], dtype=float), pts.size)
+            a = np.abs(v.reshape(pts.shape)[sel])
+            a = np.where(np.isfinite(a), a, np.inf)
+            best[sel] = (a if sign > 0 else -a).argmin(axis=1)
+        mid = pts[rows, best]
+        lo = pts[rows, np.maximum(best - 1, 0)]
+        hi = pts[rows, np.minimum(best + 1, ZOOM_WIDTH - 1)]
+    return mid
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -202,11 +289,12 @@ def _rebuild(expr, plain: set, eps=_EPS):
     return memo[expr]
 
 
-def _plain_finite(node, dom) -> bool:
-    """Whether the plain form's argument is never 0 where it is finite (so 1/x and log(|x|)
-    are finite wherever the protected form is)."""
+def _plain_finite(node, plain, dom, eps) -> bool:
+    """Whether the plain form's argument, as it would be shown (``plain``: the nodes already
+    read plainly), is never 0 on ``dom`` where it is finite (so 1/x and log(|x|) are finite
+    wherever the protected form is)."""
     try:
-        arg = np.asarray(evaluate(node.args[0], dom), dtype=float)
+        arg = np.asarray(evaluate(_rebuild(node.args[0], plain, eps), dom), dtype=float)
     except Unevaluable:
         return False
     return not np.any(arg[np.isfinite(arg)] == 0)
@@ -225,7 +313,7 @@ def lower(expr, dom: dict, eps=_EPS):
         return _rebuild(expr, set(), eps)
     plain: set = set()
     for node in _protected_nodes(expr)[:MAX_DECISIONS]:
-        if not _plain_finite(node, dom):
+        if not _plain_finite(node, plain, dom, eps):
             continue   # 1/0 or log(0) on the domain: a reader would see an infinite
         trial = plain | {node}
         try:
@@ -251,27 +339,38 @@ def _significant(value) -> int:
     return len(mantissa.replace("-", "").replace(".", "").lstrip("0").rstrip("0"))
 
 
+MAX_ROUNDED = 24   # constants rounded one by one up to this many (else all at once)
+
+
 def round_constants(expr, reference, dom: dict):
-    """(``expr`` with its floats at 6, 10 or 17 significant digits -- the fewest for which it
-    still agrees with ``reference`` --, whether 6-digit rounding was needed). Integral values
-    become integers (``1*p`` reads ``p``)."""
+    """(``expr`` with each float at 6, 10 or 17 significant digits -- the fewest for which the
+    expression still agrees with ``reference``, decided constant by constant in a fixed order
+    --, whether a 5-6 digit constant is shown). Integral values become integers (``1*p`` reads
+    ``p``). A constant that places a zero or a pole (p - sigmoid(1) under 1/x) keeps all its
+    digits while its neighbours may read short."""
     floats = sorted(expr.atoms(sympy.Float), key=sympy.default_sort_key)
     if not floats:
         return expr, False
-    for digits in (6, 10, 17):
-        swap = {f: _short(f, digits) for f in floats}
-        trial = expr.xreplace(swap)
-        if digits == 17:
-            return trial, False
-        exact = all(float(f) == float(g) for f, g in swap.items())
-        if exact:
-            return trial, False
+    groups = [[f] for f in floats] if len(floats) <= MAX_ROUNDED else [floats]
+    chosen = {f: _short(f, 17) for f in floats}
+
+    def visible(swap):
+        return any(_significant(g) >= 5 and _significant(g) <= 6 and float(g) != float(f)
+                   for f, g in swap.items())
+
+    def fits(swap):
         # The looser promise holds only where the text shows that it rounded (5-6 digits
         # visible); 1.0000001 rounded to 1 must meet the full one.
-        visible = digits == 6 and any(_significant(g) >= 5 for g in swap.values())
         try:
-            if agree(evaluate(trial, dom), reference, ROUNDED_RTOL if visible else RTOL / 2):
-                return trial, visible
+            value = evaluate(expr.xreplace(swap), dom)
         except Unevaluable:
-            return expr, False
-    return expr, False
+            return False
+        return agree(value, reference, ROUNDED_RTOL if visible(swap) else RTOL / 2)
+
+    for group in groups:
+        for digits in (6, 10):
+            trial = {**chosen, **{f: _short(f, digits) for f in group}}
+            if all(float(trial[f]) == float(f) for f in group) or fits(trial):
+                chosen = trial
+                break
+    return expr.xreplace(chosen), visible(chosen)

@@ -61,6 +61,7 @@ class _Val(NamedTuple):
     expr: sympy.Expr
     label: str | None = None    # constants only: text that fixes the value exactly
     fval: float | None = None   # constants only: float64 value (numpy reference ops)
+    exact: sympy.Expr | None = None  # 'atoms_shown' constants: the exact value, unevaluated
 
 
 # Ops that map rationals to rationals cheaply; other constant subtrees become atoms/floats.
@@ -87,12 +88,26 @@ def _constant(info, vals, mode):
         if r.is_Rational:
             if mode == "float":
                 return _Val(_shown(r, fval), repr(fval), fval)
-            return _Val(r, _label(r), _float(r))
+            return _Val(r, _label(r), _float(r), r)
     label = f"{info.display}({', '.join(v.label for v in vals)})"
-    if mode == "float" and not math.isnan(fval):   # an overflowed constant is +-oo (min(oo, x) = x)
+    if mode == "float":   # an overflowed constant is +-oo (min(oo, x) = x); NaN is nan
+        if math.isnan(fval):
+            return _Val(sympy.nan, label, fval)
         return _Val(sympy.Float(fval) if math.isfinite(fval) else sympy.oo * int(math.copysign(1, fval)),
                     label, fval)
-    return _Val(sympy.Symbol(label, real=True), label, fval)
+    exact = None
+    if mode == "atoms_shown" and all(v.exact is not None for v in vals):
+        # SymPy's exact value of the constant (tanh(1), sqrt(2)/2): evaluated only on rational
+        # arguments, unevaluated above transcendental ones (their exact evaluation -- evalf
+        # inside sign checks of exp(exp(exp(e))) -- can take minutes).
+        form = _DISPLAY_FORMS.get(op.name, op.sympy)
+        args = [v.exact for v in vals]
+        if all(e.is_Rational and _small(e) for e in args):
+            exact = form(*args)
+        else:
+            with sympy.evaluate(False):
+                exact = form(*args)
+    return _Val(sympy.Symbol(label, real=True), label, fval, exact)
 
 
 def _small(r) -> bool:
@@ -122,7 +137,7 @@ def _leaf(node, pset, y, mode):
     if name == "p":
         return _Val(P)
     if name == "y":
-        return _Val(Y) if y is None else _Val(sympy.Integer(y), str(y), float(y))
+        return _Val(Y) if y is None else _Val(sympy.Integer(y), str(y), float(y), sympy.Integer(y))
     if name:
         return _Val(sympy.Symbol(name))
     r = _number(node.value)
@@ -131,15 +146,16 @@ def _leaf(node, pset, y, mode):
     if mode == "atoms_shown" and not r.is_Integer:   # 0.1 reads 1/10 (the same double)
         decimal = sympy.Rational(repr(float(node.value)))
         r = decimal if float(decimal) == float(node.value) else r
-    return _Val(r, _label(r), float(node.value))
+    return _Val(r, _label(r), float(node.value), r)
 
 
-def _walk(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None):
+def _walk(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None, exact=None):
     """Iterative post-order build, once per binding of y in ``ys`` (None: the symbol y).
 
     ``reduce(name, args)`` (args: per-argument lists of one expression per binding) replaces
     the opaque reductions (key path of the typed set). Returns one expression per binding.
-    ``labels`` (a dict), when given, receives each constant symbol's name -> float64 value.
+    ``labels`` (a dict), when given, receives each constant symbol's name -> float64 value;
+    ``exact`` (a dict) its exact value, unevaluated ('atoms_shown').
     """
     stack, memo = [], {}
     forms = {"atoms": _KEY_FORMS, "float": _DISPLAY_FORMS,
@@ -164,6 +180,8 @@ def _walk(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None):
                 out.append(_constant(info, vals, constants))
                 if labels is not None and out[-1].expr.is_Symbol:
                     labels[out[-1].expr.name] = out[-1].fval
+                    if exact is not None and out[-1].exact is not None:
+                        exact[out[-1].expr] = out[-1].exact
                 continue
             key = (info.op.name, tuple(v.expr for v in vals))
             if key not in memo:   # bindings often share subtrees (no y below)

@@ -42,11 +42,12 @@ def points(per_sample: bool):
     return np.eye(4)[rng.integers(0, 4, size=96)], prob
 
 
-def reference(tree, pset, y, p):
-    """The loss per class (paper) or per sample (typed) from the op table's numpy forms."""
-    stack = []
+def node_values(tree, pset, y, p):
+    """Every node's value (index in ``tree`` -> array) from the op table's numpy forms."""
+    stack, values = [], {}
     with np.errstate(all="ignore"):
-        for node in reversed(tree):
+        for i in range(len(tree) - 1, -1, -1):
+            node = tree[i]
             if isinstance(node, gp.Primitive):
                 args = [stack.pop() for _ in range(node.arity)]
                 args = [np.broadcast_to(a, np.shape(p)) if np.ndim(a) == 0 and
@@ -56,7 +57,75 @@ def reference(tree, pset, y, p):
                 stack.append(y if var_name(node, pset) == "y" else p)
             else:
                 stack.append(np.float64(node.value))
-    return np.broadcast_to(np.asarray(stack.pop(), dtype=float), np.shape(p)[:1])
+            values[i] = stack[-1]
+    return values
+
+
+def reference(tree, pset, y, p):
+    """The loss per class (paper) or per sample (typed) from the op table's numpy forms."""
+    value = node_values(tree, pset, y, p)[0]
+    return np.broadcast_to(np.asarray(value, dtype=float), np.shape(p)[:1])
+
+
+# Offsets (relative) at which a printed formula is checked around each point where one of the
+# tree's subexpressions is zero or has a pole: a rounded constant that moves a pole or a sign
+# change shows there, between any fixed grid's points (tanh(1/(p - 0.731059)) vs sigmoid(1)).
+# Not closer than 1e-9: there p - c keeps only 7 of float64's digits, so SymPy's equal
+# rearrangements (K*(p - c) read as K*p - K*c) legitimately differ at 1e-6.
+NEAR = (1e-9, 1e-7, 1e-5, 1e-3)
+
+
+def dense_points(tree, pset):
+    """(y, p) for class-sum sets: a dense grid unlike the display's (2,001 even, 200 log-spaced
+    at both ends, 500 fixed-seed uniform), plus points around each zero of a subexpression,
+    found by zooming in on each interior minimum of |node| (and around each pole: maximum of
+    |node|), on the tree's own nodes (numpy)."""
+    lo, hi = 1e-4, 1 - 1e-4
+    tail = np.geomspace(lo, 0.5, 100)
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, 2001), tail, 1 - tail,
+                                     np.random.default_rng(12345).uniform(lo, hi, 500)]))
+    ys, ps = [], []
+    for yv in (0.0, 1.0):
+        roots = _zeros(tree, pset, yv, grid)
+        extra = [roots] + [roots * (1 + s * r) for r in NEAR for s in (-1, 1)]
+        p = np.unique(np.clip(np.concatenate([grid, *extra]), lo, hi))
+        ys.append(np.full_like(p, yv))
+        ps.append(p)
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def _zeros(tree, pset, yv, grid, width=65, rounds=10, most=256):
+    brackets = []   # (node index, lo, hi)
+    for i, v in node_values(tree, pset, np.float64(yv), grid).items():
+        if np.shape(v) != grid.shape:
+            continue
+        a = np.abs(np.asarray(v, dtype=float))
+        a[~np.isfinite(a)] = np.inf
+        with np.errstate(divide="ignore"):
+            for sign, b in ((1, a), (-1, 1.0 / a)):   # zeros and poles (maxima of |v|)
+                mins = np.flatnonzero((b[1:-1] < b[:-2]) & (b[1:-1] <= b[2:])) + 1
+                brackets += [(i, sign, grid[j - 1], grid[j + 1]) for j in mins]
+    brackets = sorted(set(brackets))[:most]
+    if not brackets:
+        return np.zeros(0)
+    node = np.array([b[0] for b in brackets])
+    sign = np.array([b[1] for b in brackets])
+    lo = np.array([b[2] for b in brackets])
+    hi = np.array([b[3] for b in brackets])
+    t = np.linspace(0.0, 1.0, width)
+    for _ in range(rounds):
+        pts = lo[:, None] + (hi - lo)[:, None] * t
+        values = node_values(tree, pset, np.float64(yv), pts.ravel())
+        best = np.zeros(len(brackets), dtype=int)
+        for i in np.unique(node):
+            rows = node == i
+            a = np.abs(np.broadcast_to(values[i], pts.ravel().shape).reshape(pts.shape)[rows])
+            a = np.where(np.isfinite(a), a, np.inf)
+            best[rows] = np.where(sign[rows, None] > 0, a, -a).argmin(axis=1)
+        idx = np.arange(len(brackets))
+        lo, hi = pts[idx, np.maximum(best - 1, 0)], pts[idx, np.minimum(best + 1, width - 1)]
+        mid = pts[idx, best]
+    return mid
 
 
 _Y, _P = sympy.Symbol("y"), sympy.Symbol("p")
@@ -84,9 +153,27 @@ def _numpy_modules(elem_shape):
     return [mods, "scipy", "numpy"]
 
 
-def printed_values(text, y, p, want=None, nonfinite_only=False):
+MPMATH_MAX_BITS = 64   # mpmath retries give up (NaN) on arguments beyond 2**64 in size
+
+
+def _bounded_mpmath(mpmath):
+    """mpmath's functions, refusing astronomically large arguments: sin(exp(exp(15))) needs
+    millions of digits of pi and would run for minutes (bounded work, not a clock)."""
+    def guard(fn):
+        def call(*args):
+            for a in args:
+                if isinstance(a, (mpmath.mpf, mpmath.mpc)) and a != 0 and mpmath.mag(a) > MPMATH_MAX_BITS:
+                    raise OverflowError("argument too large for a bounded retry")
+            return fn(*args)
+        return call
+    names = ("sin", "cos", "tan", "sinh", "cosh", "tanh", "exp", "log", "erf", "erfc", "atan",
+             "asinh", "sqrt", "besseli")
+    return {n: guard(getattr(mpmath, n)) for n in names}
+
+
+def printed_values(text, y, p, want=None, nonfinite_only=False, rtol=1e-6):
     """The printed formula's values (numpy); where they are not finite or differ from
-    ``want``, recomputed with mpmath at 30 digits (exp(-x)*i1(x) overflows in float64 for
+    ``want`` by more than ``rtol``, recomputed with mpmath at 30 digits (exp(-x)*i1(x) overflows in float64 for
     large x, yet is the value the loss computes)."""
     expr = _parse(text)
     fn = sympy.lambdify((_Y, _P), expr, modules=_numpy_modules(np.shape(p)))
@@ -94,11 +181,15 @@ def printed_values(text, y, p, want=None, nonfinite_only=False):
         got = np.array(np.broadcast_to(np.asarray(fn(y, p), dtype=float), np.shape(p)[:1]))
     if want is None or np.ndim(p) != 1:
         return got
-    redo = np.isfinite(want) & ~np.isfinite(got) if nonfinite_only else \
-        np.isfinite(want) & ~np.isclose(got, want, rtol=1e-7, atol=0)
+    ok = np.isfinite(want)
+    redo = ok & ~np.isfinite(got)
+    if not nonfinite_only and ok.any():   # and where float64 missed the tolerance (cancellation)
+        scale = np.maximum(np.abs(want), 1e-6 * np.abs(want[ok]).max())
+        with np.errstate(all="ignore"):
+            redo |= ok & (np.abs(got - want) > rtol * scale)
     if redo.any():
         import mpmath
-        slow = sympy.lambdify((_Y, _P), expr, modules="mpmath")
+        slow = sympy.lambdify((_Y, _P), expr, modules=[_bounded_mpmath(mpmath), "mpmath"])
         with mpmath.workdps(30):
             for i in np.flatnonzero(redo):
                 try:
@@ -135,23 +226,23 @@ def mismatch(a, b, rtol):
 def check_text(text, tree, pset, y, p):
     """None when the printed ``text`` is the loss ``tree`` on the domain, else why not."""
     want = reference(tree, pset, y, p)
+    rtol = 2e-5 if shows_six_digits(text) else 1e-6
     try:
-        got = printed_values(text, y, p, want)
+        got = printed_values(text, y, p, want, rtol=rtol)
     except Exception as exc:  # noqa: BLE001 - a formula that does not parse back is a failure
         return f"does not parse back: {type(exc).__name__}: {exc}"
-    return mismatch(got, want, 2e-5 if shows_six_digits(text) else 1e-6)
+    return mismatch(got, want, rtol)
 
 
-def check_per_class(form, tree, pset, sign=1):
+def check_per_class(form, tree, pset, sign=1, p=None):
     """The per-class texts: sign*f(1, p) and sign*f(0, p) up to the dropped constants."""
-    _y, p = points(False)
-    p = np.unique(p)
+    p = np.unique(points(False)[1] if p is None else p)
     problems = []
     for side, yv in (("target", 1.0), ("other", 0.0)):
         want = sign * reference(tree, pset, np.full_like(p, yv), p)
-        got = printed_values(form[side], np.zeros_like(p), p, want,
-                             nonfinite_only=form["constant_dropped"])
         rtol = 2e-5 if shows_six_digits(form[side]) else 1e-6
+        got = printed_values(form[side], np.zeros_like(p), p, want,
+                             nonfinite_only=form["constant_dropped"], rtol=rtol)
         if form["constant_dropped"]:
             # Up to an additive constant: want - got is constant, to rtol of the larger scale
             # (after a constant is dropped, values near zero say nothing about the rest).
@@ -178,11 +269,13 @@ def failures(trees, pset):
     y, p = points(not pset.class_sum)
     bad = []
     for t in trees:
+        if pset.class_sum:
+            y, p = dense_points(t, pset)
         text = F.formula(t, pset)
         why = check_text(text, t, pset, y, p)
         if why is None and pset.class_sum:
             form = F.per_class(t, pset)
-            why = "no per-class form" if form is None else check_per_class(form, t, pset)
+            why = "no per-class form" if form is None else check_per_class(form, t, pset, p=p)
         if why:
             bad.append(f"{to_text(t, pset)} -> {text}: {why}")
     return bad

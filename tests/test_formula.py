@@ -92,3 +92,47 @@ def test_the_readme_shows_the_current_simplify_output():
     result = CliRunner().invoke(cli, ["simplify", "i1e_ratio"])
     assert result.exit_code == 0
     assert result.output.splitlines() == shown
+
+
+@pytest.mark.parametrize("expr", [
+    # A rounded constant that moves a pole: tanh(1/(p - 0.731059)) flips sign between
+    # 0.7310585786 and 0.731059, which no fixed grid point falls between.
+    "tanh(recip(sub(p, sigmoid(1))))",
+    # ... or a sign change under a steep factor: erf(3814280*p - 2788460) is off near the root.
+    "erf(mul(sub(p, sigmoid(1)), exp(exp(exp(1)))))",
+    "mul(y, log(sub(p, sigmoid(1))))",
+    # A plain 1/x whose argument, as shown, is 0 on the domain: 1/log(2p) at p = 1/2.
+    "exp(isru(1, max(1, div(1, log(add(p, p))))))",
+])
+def test_constants_that_place_a_zero_or_a_pole(expr):
+    pset = load_pset("paper")
+    tree = parse(expr)
+    assert O.failures([tree], pset) == []
+    assert "0.731059)" not in F.formula(tree) and "2788460" not in F.formula(tree)
+    assert "1/log(2*p)" not in F.formula(tree)
+
+
+def test_a_constant_the_loss_computes_as_nan_reads_nan():
+    # sin(exp(exp(exp(exp(1))))) overflows to sin(inf) = NaN: the loss is NaN everywhere.
+    tree = parse("add(p, sin(exp(exp(exp(exp(1))))))")
+    assert F.formula(tree) == "nan"
+    form = F.per_class(tree)
+    assert form["target"] == form["other"] == "nan" and form["target_exact"] == "nan"
+    assert form["constant_dropped"] is False
+
+
+@pytest.mark.parametrize("expr, target_exact", [
+    ("div(p, sqrt(neg(inv1p(y))))", "p/((sqrt(2)/2))"),
+    ("mul(p, recip(tanh(1)))", "p/tanh(1)"),
+    ("mul(log(add(1, 1)), p)", "p*log(2)"),
+    ("mul(log(sub(1, 1)), p)", "p*log(1/10000000)"),
+])
+def test_exact_per_class_texts_are_sympy(expr, target_exact):
+    """target_exact/other_exact: SymPy's exact text (no op-language labels such as recip(..)),
+    parsed back equal to the loss."""
+    pset = load_pset("paper")
+    tree = parse(expr)
+    form = F.per_class(tree)
+    assert form["target_exact"] == target_exact
+    exact = dict(form, target=form["target_exact"], other=form["other_exact"])
+    assert O.check_per_class(exact, tree, pset) is None
