@@ -32,9 +32,9 @@ _EPS = sympy.Rational(EPS)  # the exact double the printed code uses
 
 
 def _neg(x):
-    """-x, with a sum negated term by term: under the display's ``distribute(False)``, -x of a
-    sum is (-1)*(sum), which claims a minus sign to extract as the sum did (an endless
-    flip between the two in the parity rules)."""
+    """-x, with a sum negated term by term: where -x of a sum would stay (-1)*(sum) (SymPy's
+    ``distribute(False)``), both claim a minus sign to extract and the parity rules below
+    would flip between them endlessly."""
     return sympy.Add(*[-t for t in x.args]) if x.is_Add else -x
 
 

@@ -25,9 +25,9 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from .algebra import P
+from .algebra import P, kabs
 from .lowering import (EXACT_EPS, RTOL, Unevaluable, agree, domain, evaluate, lower,
-                       near_zeros, round_constants)
+                       near_zeros, on_domain, round_constants)
 from .psets import load_pset
 from .symbolic import _bad, _walk, to_sympy
 from .trees import to_text
@@ -100,6 +100,7 @@ def _tidy(expr):
 
 def _present(raw, dom):
     """(plain expression equal to ``raw`` on ``dom``, whether it shows 6-digit constants)."""
+    raw = on_domain(raw, dom)
     dom = near_zeros(raw, dom)
     try:
         reference = evaluate(raw, dom)
@@ -203,7 +204,12 @@ def _one_class(expr_float, expr_exact, dom, dom_exact):
     exact = expr_exact
     if exact is not None:
         exact = _drop_constant(exact)[0]
-        exact = lower(exact, near_zeros(exact, dom_exact), eps=EXACT_EPS)
+        # Unevaluated: SymPy's own evaluation of exact forms can run for minutes (sinh's
+        # realness check on an exact argument ran 100 s of polynomial gcds on one candidate).
+        with sympy.evaluate(False):
+            exact = on_domain(exact, dom_exact)
+            exact = lower(exact, near_zeros(exact, dom_exact), eps=EXACT_EPS)
+        exact = _fold_rationals(exact)
     return shown, exact, dropped
 
 
@@ -232,7 +238,9 @@ def _fold_rationals(expr):
             continue
         args = [memo[a] for a in node.args]
         small = [a for a in args if a.is_Rational and max(abs(a.p), a.q).bit_length() < 256]
-        if node.func is sympy.Pow and len(small) == 2 and args[1].is_Integer:
+        if node.func in (kabs, sympy.Abs) and small:
+            memo[node] = abs(args[0])
+        elif node.func is sympy.Pow and len(small) == 2 and args[1].is_Integer:
             with sympy.evaluate(True):
                 memo[node] = node.func(*args)
         elif node.func in (sympy.Add, sympy.Mul) and small:

@@ -26,7 +26,7 @@ def i1e_ratio_per_sample(y, p):
 
 
 def i1e_ratio(logits, target):
-    """exp(-p)*i1(p)/(1e-07 + exp(-1/(abs(asinh(y)) + 1))*i1(1/(abs(asinh(y)) + 1)))
+    """exp(-p)*i1(p)/(1e-07 + exp(-1/(asinh(y) + 1))*i1(1/(asinh(y) + 1)))
 
     Per class, with the sign applied (the loss minimised): a sample of true class t
     costs T(p_t) + sum over the other classes c of O(p_c), where

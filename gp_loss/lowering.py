@@ -236,6 +236,64 @@ def _zeros(expr, env, grid):
     return mid
 
 
+# ----------------------------------------------------------------------------- the domain decides
+
+MAX_DECIDED = 64   # max/min/abs nodes looked at, at most (bounded work)
+_MAXES = (kmax, sympy.Max)
+_MINMAX = (kmax, sympy.Max, kmin, sympy.Min)
+
+
+def on_domain(expr, dom: dict):
+    """``expr`` with each max/min/abs that the (class-sum) domain decides written as the
+    argument it always equals: on p in [1e-4, 1 - 1e-4], min(1, sin(p)) is sin(p), abs(sin(p))
+    is sin(p), max(0, exp(-p)*i1(p)) is exp(-p)*i1(p). Decided on the grid plus the points
+    around each zero of the difference (``near_zeros``), so a crossing between grid points
+    keeps the node. Per-sample domains (rows) are left alone."""
+    if np.ndim(dom.get("p")) != 1:
+        return expr
+    memo: dict = {}
+    budget = [MAX_DECIDED]
+    for node in sympy.postorder_traversal(expr):
+        if node in memo:
+            continue
+        if node.is_Atom or not node.args:
+            memo[node] = node
+            continue
+        args = [memo[a] for a in node.args]
+        new = node if args == list(node.args) else node.func(*args)
+        if (new.func in _MINMAX or new.func in (kabs, sympy.Abs)) and new.free_symbols \
+                and budget[0] > 0:
+            budget[0] -= 1
+            new = _decided(new, dom)
+        memo[node] = new
+    return memo[expr]
+
+
+def _decided(node, dom):
+    if node.func in (kabs, sympy.Abs):
+        x = node.args[0]
+        s = _sign_on(x, dom)
+        return x if s > 0 else -x if s < 0 else node
+    if len(node.args) != 2:
+        return node
+    a, b = node.args
+    s = _sign_on(a - b, dom)          # +1: a >= b everywhere on the domain
+    if s == 0:
+        return node
+    return a if (s > 0) == (node.func in _MAXES) else b
+
+
+def _sign_on(x, dom) -> int:
+    """+1 when ``x`` >= 0 on the domain, -1 when <= 0, 0 when neither (or not finite)."""
+    try:
+        values = np.asarray(evaluate(x, near_zeros(x, dom)), dtype=float)
+    except Unevaluable:
+        return 0
+    if not np.all(np.isfinite(values)):
+        return 0
+    return 1 if np.all(values >= 0) else -1 if np.all(values <= 0) else 0
+
+
 # ----------------------------------------------------------------------------- lowering
 
 def _eps_form(node, arg, eps):
