@@ -222,14 +222,27 @@ _STATUS_TEXT = {
 
 
 def format_latex(s: dict) -> str:
-    """``show --latex``: the hall of fame as a LaTeX ``tabular`` (rank, fitness, size and the
-    per-sample loss in math mode, sign applied; for a class-sum set the sum over classes)."""
+    """``show --latex``: LaTeX ``tabular``s (rank, fitness, size, the per-sample loss in math
+    mode and its per-class form T(p) | O(p), sign applied; for a class-sum set the sum over
+    classes). With a finished elimination its ranking comes first (with its scores), as in
+    ``show``; each table then opens with a comment line naming its ranking."""
+    if not s.get("finalists"):
+        return _latex_table(s, s["top"], score=False)
+    return "\n".join([
+        "% Finalists, ranked by elimination (the ranking export and compare --from-run use)",
+        _latex_table(s, s["finalists"], score=True), "",
+        "% Best losses of the search, ranked by search fitness",
+        _latex_table(s, s["top"], score=False)])
+
+
+def _latex_table(s: dict, rows: list, score: bool) -> str:
     from . import symbolic
 
     cfg_pset = load_pset(s["config"]["pset"])
-    lines = [r"\begin{tabular}{rrrl}", r"\hline",
-             r"rank & fitness & size & per-sample loss $\ell(y, p)$ \\", r"\hline"]
-    for i, r in enumerate(s["top"], 1):
+    head = "rank & score & fitness" if score else "rank & fitness"
+    lines = [r"\begin{tabular}{%s}" % ("rrrrlll" if score else "rrrlll"), r"\hline",
+             head + r" & size & per-sample loss $\ell(y, p)$ & $T(p)$ & $O(p)$ \\", r"\hline"]
+    for i, r in enumerate(rows, 1):
         try:
             body = symbolic.latex(parse(r["expr"], cfg_pset, max_height=10**4, max_size=10**4),
                                   cfg_pset)
@@ -243,7 +256,14 @@ def format_latex(s: dict) -> str:
         fit = f"{r['fitness']:.4f}"
         if r.get("fitness_std") is not None:
             fit += rf" $\pm$ {r['fitness_std']:.4f}"
-        lines.append(rf"{i} & {fit} & {r.get('size', '')} & ${sign}{body}$ \\")
+        form = r.get("per_class")
+        if form:
+            star = r"^{*}" if form.get("constant_dropped") else ""
+            t, o = f"${form['target_latex']}{star}$", f"${form['other_latex']}{star}$"
+        else:
+            t = o = "--"
+        first = f"{i} & {r['score']:.4f} & {fit}" if score else f"{i} & {fit}"
+        lines.append(rf"{first} & {r.get('size', '')} & ${sign}{body}$ & {t} & {o} \\")
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines)
 

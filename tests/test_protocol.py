@@ -604,6 +604,12 @@ def test_show_leads_with_the_ranking_export_and_compare_use(run, tmp_path):
     first_row = text[lead:].splitlines()[2].split()
     assert first_row[:2] == ["1", f"{s['finalists'][0]['score']:.4f}"]
     assert str(s["finalists"][0]["id"]) in first_row
+    # show --latex leads the same way: the finalists' tabular (with scores) first
+    tex = run("show", tmp_path / "run", "--latex").stdout
+    assert tex.index("ranked by elimination") < tex.index("ranked by search fitness")
+    first = tex[tex.index(r"\begin{tabular}"):].splitlines()[4].split(" & ")
+    assert first[:2] == ["1", f"{s['finalists'][0]['score']:.4f}"]
+    assert tex.count(r"\begin{tabular}") == 2 and "$T(p)$" in tex
 
 
 def test_show_says_where_a_rows_sign_is_unknown(run, tmp_path):
