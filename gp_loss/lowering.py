@@ -205,7 +205,7 @@ def _zeros(expr, env, grid):
             continue
         a = np.abs(np.asarray(v, dtype=float))
         a[~np.isfinite(a)] = np.inf
-        with np.errstate(divide="ignore"):
+        with np.errstate(all="ignore"):
             for sign, b in ((1, a), (-1, 1.0 / a)):   # zeros, then poles (maxima of |v|)
                 mins = np.flatnonzero((b[1:-1] < b[:-2]) & (b[1:-1] <= b[2:])) + 1
                 if mins.size:

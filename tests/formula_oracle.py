@@ -101,7 +101,7 @@ def _zeros(tree, pset, yv, grid, width=65, rounds=10, most=256):
             continue
         a = np.abs(np.asarray(v, dtype=float))
         a[~np.isfinite(a)] = np.inf
-        with np.errstate(divide="ignore"):
+        with np.errstate(all="ignore"):
             for sign, b in ((1, a), (-1, 1.0 / a)):   # zeros and poles (maxima of |v|)
                 mins = np.flatnonzero((b[1:-1] < b[:-2]) & (b[1:-1] <= b[2:])) + 1
                 brackets += [(i, sign, grid[j - 1], grid[j + 1]) for j in mins]
