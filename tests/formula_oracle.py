@@ -247,10 +247,12 @@ def check_per_class(form, tree, pset, sign=1, p=None):
             # Up to an additive constant: want - got is constant, to rtol of the larger scale
             # (after a constant is dropped, values near zero say nothing about the rest).
             ok = np.isfinite(want)
+            if not ok.any():   # the loss is nowhere finite: nothing to compare
+                continue
             if not np.isfinite(got[ok]).all():
                 problems.append(f"{side}: not finite where the loss is")
                 continue
-            d = (want - got)[ok]
+            d = want[ok] - got[ok]
             scale = max(np.abs(want[ok]).max(initial=0), np.abs(got[ok]).max(initial=0), 1e-300)
             spread = np.abs(d - np.median(d)).max(initial=0) / scale
             if spread > rtol:
