@@ -9,6 +9,7 @@ candidates. Prints a JSON object as its last line.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import random
 import statistics
@@ -27,7 +28,23 @@ from gp_loss.store import RunStore  # noqa: E402
 from gp_loss.trees import parse, random_tree  # noqa: E402
 
 
+def _timed_failures(trees, pset, label):
+    """The oracle's failures, one tree at a time, with progress on stderr and the slowest
+    trees' seconds (formula, per-class form and the check together)."""
+    from gp_loss.trees import to_text
+    bad, times = [], []
+    for i, t in enumerate(trees, 1):
+        start = time.perf_counter()
+        bad += O.failures([t], pset)
+        times.append((time.perf_counter() - start, to_text(t, pset)))
+        if i % 500 == 0 or i == len(trees):
+            print(f"{label}: {i}/{len(trees)}, {len(bad)} failures", file=sys.stderr, flush=True)
+    times.sort(reverse=True)
+    return bad, [{"seconds": round(s, 2), "expr": e} for s, e in times[:3]]
+
+
 def main():
+    faulthandler.dump_traceback_later(300, repeat=True)   # a stack on stderr if one tree hangs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", type=int, default=10000)
     args = ap.parse_args()
@@ -37,13 +54,14 @@ def main():
         trees = [random_tree(pset, rng, min_height=1, max_height=2 + i % 5)
                  for i in range(args.trees)]
         start = time.perf_counter()
-        bad = O.failures(trees, pset)
+        bad, slowest = _timed_failures(trees, pset, name)
         out[name] = {"trees": len(trees), "failures": len(bad), "examples": bad[:5],
-                     "seconds": round(time.perf_counter() - start, 1)}
+                     "seconds": round(time.perf_counter() - start, 1), "slowest": slowest}
     pset = load_pset("paper")
     run = [parse(e, pset, max_height=10**4, max_size=10**4) for e in O.run_expressions()]
-    bad = O.failures(run, pset)
-    out["mnist5k_run"] = {"candidates": len(run), "failures": len(bad), "examples": bad[:5]}
+    bad, slowest = _timed_failures(run, pset, "mnist5k run")
+    out["mnist5k_run"] = {"candidates": len(run), "failures": len(bad), "examples": bad[:5],
+                          "slowest": slowest}
     with RunStore.open(O.RUN.parent, readonly=True) as store:
         rows = store.top(50)
     ratios, shorter = [], 0

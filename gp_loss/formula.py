@@ -81,6 +81,9 @@ class _Latex(LatexPrinter):
 
 
 _TEXT, _TEX = _Str({"order": None}), _Latex()
+# Exact texts print terms as built: ordering them would evaluate exact constants numerically
+# (SymPy sorts number-like factors by value), which can run for minutes.
+_EXACT_TEXT = _Str({"order": "none"})
 
 
 def _rank(expr):
@@ -250,7 +253,8 @@ def _fold_rationals(expr):
             unit = 0 if node.func is sympy.Add else 1
             if node.func is sympy.Mul and number == 0:
                 rest = []
-            terms = ([number] if number != unit or not rest else []) + rest
+            keep = [number] if number != unit or not rest else []
+            terms = keep + rest if node.func is sympy.Mul else rest + keep   # 2*p, p + 1/10
             memo[node] = terms[0] if len(terms) == 1 else node.func(*terms, evaluate=False)
         else:
             memo[node] = node.func(*args, evaluate=False) if args != list(node.args) else node
@@ -294,7 +298,7 @@ def per_class(tree, pset="paper", sign: int = 1):
             dropped |= d
             out[side] = _TEXT.doprint(shown)
             out[f"{side}_latex"] = _TEX.doprint(shown)
-            out[f"{side}_exact"] = _TEXT.doprint(_exact_constants(exact_shown, forms)) \
+            out[f"{side}_exact"] = _EXACT_TEXT.doprint(_exact_constants(exact_shown, forms)) \
                 if exact_shown is not None else out[side]
         out["constant_dropped"] = bool(dropped)
         return out
