@@ -34,17 +34,18 @@ def _timed_failures(trees, pset, label):
     from gp_loss.trees import to_text
     bad, times = [], []
     for i, t in enumerate(trees, 1):
+        faulthandler.dump_traceback_later(120)   # a stack on stderr if one tree hangs
         start = time.perf_counter()
         bad += O.failures([t], pset)
         times.append((time.perf_counter() - start, to_text(t, pset)))
         if i % 500 == 0 or i == len(trees):
             print(f"{label}: {i}/{len(trees)}, {len(bad)} failures", file=sys.stderr, flush=True)
+    faulthandler.cancel_dump_traceback_later()
     times.sort(reverse=True)
     return bad, [{"seconds": round(s, 2), "expr": e} for s, e in times[:3]]
 
 
 def main():
-    faulthandler.dump_traceback_later(300, repeat=True)   # a stack on stderr if one tree hangs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", type=int, default=10000)
     args = ap.parse_args()

@@ -109,6 +109,8 @@ class _MinMax(sympy.Function):
 
     @classmethod
     def eval(cls, a, b):
+        if a is sympy.nan or b is sympy.nan:   # as torch.maximum/minimum: NaN propagates
+            return sympy.nan
         if a == b:
             return a
         if a.is_Number and b.is_Number:

@@ -20,6 +20,7 @@ Display only: nothing here feeds a key or a decision. Fed by ``symbolic`` (tree 
 from __future__ import annotations
 
 import math
+import sys
 
 import sympy
 from sympy.printing.latex import LatexPrinter
@@ -67,7 +68,37 @@ class _Str(StrPrinter):
         return f"{name}({', '.join(self._print(a) for a in expr.args)})"
 
 
+def _structural_fraction(expr, exact=False):
+    """SymPy's ``fraction`` for printing, decided by structure only: a factor goes below the
+    bar when its exponent is a negative number (SymPy's own asks ``is_negative`` and
+    ``is_constant`` of symbolic exponents such as exp(-atan(sin(p) + tanh(asinh(p)))),
+    which ran ``simplify`` for minutes inside the LaTeX printer)."""
+    numer, denom = [], []
+    for term in sympy.Mul.make_args(expr):
+        if term.is_commutative and (term.is_Pow or isinstance(term, sympy.exp)):
+            base, ex = term.as_base_exp()
+            if ex.is_Number and ex < 0:
+                denom.append(base if ex == -1 else sympy.Pow(base, -ex))
+                continue
+        elif term.is_Rational and not term.is_Integer:
+            if term.p != 1:
+                numer.append(sympy.Integer(term.p))
+            denom.append(sympy.Integer(term.q))
+            continue
+        numer.append(term)
+    return sympy.Mul(*numer, evaluate=False), sympy.Mul(*denom, evaluate=False)
+
+
 class _Latex(LatexPrinter):
+    def doprint(self, expr):
+        simplify_module = sys.modules["sympy.simplify"]   # (sympy.simplify is the function)
+        saved = simplify_module.fraction
+        simplify_module.fraction = _structural_fraction   # read by LatexPrinter._print_Mul
+        try:
+            return super().doprint(expr)
+        finally:
+            simplify_module.fraction = saved
+
     def _print_Float(self, expr):
         mantissa, _, power = _float_text(expr).partition("e")
         return mantissa if not power else r"%s \cdot 10^{%d}" % (mantissa, int(power))
@@ -103,6 +134,8 @@ def _tidy(expr):
 
 def _present(raw, dom):
     """(plain expression equal to ``raw`` on ``dom``, whether it shows 6-digit constants)."""
+    if raw.has(sympy.nan):   # every op propagates NaN: a NaN constant makes the loss NaN
+        return sympy.nan, False
     raw = on_domain(raw, dom)
     dom = near_zeros(raw, dom)
     try:
@@ -188,13 +221,17 @@ def _top_terms(expr):
     return out
 
 
+def _nonfinite_constant(expr) -> bool:
+    return expr.has(sympy.nan, sympy.oo, -sympy.oo, sympy.zoo)
+
+
 def _signed(sign, expr):
     """``sign * expr`` with the sign taken into each term (-(a + b) reads -a - b)."""
     return expr if sign == 1 else sympy.Add(*[-t for t in sympy.Add.make_args(expr)])
 
 
 def _drop_constant(expr):
-    if expr.has(sympy.nan):   # a NaN loss (a NaN constant): nothing to drop
+    if _nonfinite_constant(expr):   # NaN or an overflowed constant: nothing to drop
         return expr, False
     terms = _top_terms(expr)
     keep = [t for t in terms if t.has(P)]
@@ -205,7 +242,9 @@ def _one_class(expr_float, expr_exact, dom, dom_exact):
     body, dropped = _drop_constant(expr_float)
     shown, _ = _present(body, dom)
     exact = expr_exact
-    if exact is not None:
+    if exact is not None and shown is sympy.nan:
+        exact = sympy.nan
+    elif exact is not None:
         exact = _drop_constant(exact)[0]
         # Unevaluated: SymPy's own evaluation of exact forms can run for minutes (sinh's
         # realness check on an exact argument ran 100 s of polynomial gcds on one candidate).

@@ -153,22 +153,24 @@ def _numpy_modules(elem_shape):
     return [mods, "scipy", "numpy"]
 
 
-MPMATH_MAX_BITS = 64   # mpmath retries give up (NaN) on arguments beyond 2**64 in size
+# mpmath retries give up (NaN) on arguments it cannot reduce in bounded work: exp-like
+# functions beyond 2**64 (the result's exponent would not fit), periodic and Bessel functions
+# beyond 2**(2**16) (sin(exp(exp(15))) needs millions of digits of pi and runs for minutes).
+_MPMATH_LIMITS = {"exp": 64, "sinh": 64, "cosh": 64, "sin": 2**16, "cos": 2**16,
+                  "tan": 2**16, "besseli": 2**16}
 
 
 def _bounded_mpmath(mpmath):
-    """mpmath's functions, refusing astronomically large arguments: sin(exp(exp(15))) needs
-    millions of digits of pi and would run for minutes (bounded work, not a clock)."""
-    def guard(fn):
+    """mpmath's functions, refusing arguments beyond ``_MPMATH_LIMITS`` (bounded work, not a
+    clock)."""
+    def guard(fn, bits):
         def call(*args):
             for a in args:
-                if isinstance(a, (mpmath.mpf, mpmath.mpc)) and a != 0 and mpmath.mag(a) > MPMATH_MAX_BITS:
+                if isinstance(a, (mpmath.mpf, mpmath.mpc)) and a != 0 and mpmath.mag(a) > bits:
                     raise OverflowError("argument too large for a bounded retry")
             return fn(*args)
         return call
-    names = ("sin", "cos", "tan", "sinh", "cosh", "tanh", "exp", "log", "erf", "erfc", "atan",
-             "asinh", "sqrt", "besseli")
-    return {n: guard(getattr(mpmath, n)) for n in names}
+    return {n: guard(getattr(mpmath, n), bits) for n, bits in _MPMATH_LIMITS.items()}
 
 
 def printed_values(text, y, p, want=None, nonfinite_only=False, rtol=1e-6):

@@ -154,3 +154,37 @@ def test_exact_texts_print_without_evaluating_their_constants():
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert form is not None and "sigmoid" in form["target_exact"]
+
+
+def test_latex_of_symbolic_exponents_is_bounded():
+    """LaTeX printing decides what goes below the bar by structure: SymPy's own fraction()
+    asked is_constant() of exp(-atan(..)) exponents and ran simplify for minutes (review)."""
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("latex took over 30 s")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        tree = parse("i1e(isru(1, dtanh(add(atan(sin(p)), tanh(asinh(p))))))")
+        tex = F.latex(tree)
+        form = F.per_class(tree)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert r"I_{1}" in tex and form is not None and r"I_{1}" in form["target_latex"]
+    assert F.latex(parse("div(p, add(y, 2))")) == r"\frac{p}{y + 2}"
+
+
+@pytest.mark.parametrize("expr, target, other", [
+    ("max(p, sin(exp(exp(exp(exp(1))))))", "nan", "nan"),         # max propagates NaN
+    ("relu(sub(p, sin(exp(exp(exp(exp(1)))))))", "nan", "nan"),
+    ("add(p, mul(y, max(p, sin(exp(exp(exp(exp(1))))))))", "nan", "nan"),  # 0 * NaN is NaN
+    ("add(p, exp(exp(exp(exp(1)))))", "oo", "oo"),                  # never dropped as a constant
+    ("add(p, mul(y, exp(exp(exp(exp(1))))))", "oo", "nan"),         # 0 * inf is NaN
+])
+def test_non_finite_constants_are_what_the_loss_computes(expr, target, other):
+    form = F.per_class(parse(expr))
+    assert (form["target"], form["other"]) == (target, other)
+    assert (form["target_exact"], form["other_exact"]) == (target, other)
+    assert form["constant_dropped"] is False
