@@ -153,11 +153,11 @@ def _numpy_modules(elem_shape):
     return [mods, "scipy", "numpy"]
 
 
-# mpmath retries give up (NaN) on arguments it cannot reduce in bounded work: exp-like
-# functions beyond 2**64 (the result's exponent would not fit), periodic and Bessel functions
-# beyond 2**(2**16) (sin(exp(exp(15))) needs millions of digits of pi and runs for minutes).
-_MPMATH_LIMITS = {"exp": 64, "sinh": 64, "cosh": 64, "sin": 2**16, "cos": 2**16,
-                  "tan": 2**16, "besseli": 2**16}
+# mpmath retries give up (NaN) on arguments beyond 2**(2**16) in size, where the work is no
+# longer bounded: sin(exp(exp(15))) needs millions of digits of pi, exp(exp(exp(15))) an
+# exponent of millions of digits (exp(-sinh(1e4)) = exp(-2**14427) is still cheap).
+_MPMATH_LIMITS = {name: 2**16 for name in ("exp", "sinh", "cosh", "sin", "cos", "tan",
+                                           "besseli")}
 
 
 def _bounded_mpmath(mpmath):
