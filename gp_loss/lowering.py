@@ -162,11 +162,12 @@ NEAR = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4)
 ZOOM_WIDTH, ZOOM_ROUNDS, MAX_ZEROS = 65, 10, 128   # 64**10: any bracket down to float spacing
 
 
-def near_zeros(expr, dom: dict) -> dict:
+def near_zeros(expr, dom: dict, capped: list | None = None) -> dict:
     """``dom`` (a class-sum domain: 1-D p, y in {0, 1} or absent) plus the points around each
     zero of a p-dependent subexpression of ``expr``: every interior minimum of |node| on the
     grid (a zero) and every interior maximum (a pole), zoomed in on (a fixed number of rounds
-    and points: bounded work). Per-sample
+    and points: bounded work; ``capped``, when given, is told when MAX_ZEROS cut some off).
+    Per-sample
     domains (rows) are returned as they are."""
     p = np.asarray(dom.get("p"))
     if p.ndim != 1 or not p.size:
@@ -179,7 +180,7 @@ def near_zeros(expr, dom: dict) -> dict:
     for yv in ys:
         env = dict(fixed, p=grid, **({} if yv is None else {"y": np.float64(yv)}))
         try:
-            roots = _zeros(expr, env, grid)
+            roots = _zeros(expr, env, grid, capped)
         except Unevaluable:
             continue
         if not roots.size:
@@ -197,7 +198,7 @@ def near_zeros(expr, dom: dict) -> dict:
     return out
 
 
-def _zeros(expr, env, grid):
+def _zeros(expr, env, grid, capped=None):
     brackets = []   # (node number, lo, hi)
     nodes = []
     for node, v in _values(expr, env).items():
@@ -211,7 +212,10 @@ def _zeros(expr, env, grid):
                 if mins.size:
                     nodes.append((node, sign))
                     brackets += [(len(nodes) - 1, grid[j - 1], grid[j + 1]) for j in mins]
-    brackets = sorted(set(brackets))[:MAX_ZEROS]
+    brackets = sorted(set(brackets))
+    if len(brackets) > MAX_ZEROS and capped is not None:
+        capped.append(len(brackets))   # some zeros were not looked at
+    brackets = brackets[:MAX_ZEROS]
     if not brackets:
         return np.zeros(0)
     which = np.array([b[0] for b in brackets])
@@ -286,7 +290,10 @@ def _decided(node, dom):
 def _sign_on(x, dom) -> int:
     """+1 when ``x`` >= 0 on the domain, -1 when <= 0, 0 when neither (or not finite)."""
     try:
-        values = np.asarray(evaluate(x, near_zeros(x, dom)), dtype=float)
+        capped: list = []
+        values = np.asarray(evaluate(x, near_zeros(x, dom, capped)), dtype=float)
+        if capped:   # more zeros than were looked at: a crossing may hide among them
+            return 0
     except Unevaluable:
         return 0
     if not np.all(np.isfinite(values)):

@@ -188,3 +188,13 @@ def test_non_finite_constants_are_what_the_loss_computes(expr, target, other):
     assert (form["target"], form["other"]) == (target, other)
     assert (form["target_exact"], form["other_exact"]) == (target, other)
     assert form["constant_dropped"] is False
+
+
+def test_a_max_is_kept_where_zeros_went_unexamined():
+    """on_domain decides max(1.5, ...) only when every zero of the difference was looked at:
+    sin(1000p)'s hundreds of zeros used to fill the cap and hide the bump to 2 at p = 0.123456
+    (review), printing 3/2."""
+    tree = parse("max(1.5, add(mul(2, exp(neg(square(mul(1000000, sub(p, 0.123456)))))), "
+                 "mul(1e-300, sin(mul(p, 1000)))))")
+    assert F.formula(tree) != "3/2" and F.per_class(tree)["target"] != "3/2"
+    assert F.formula(parse("min(p, 1)")) == "p"
