@@ -28,7 +28,7 @@ from sympy.printing.str import StrPrinter
 
 from .algebra import P, kabs
 from .lowering import (EXACT_EPS, RTOL, Unevaluable, agree, domain, evaluate, lower,
-                       near_zeros, on_domain, round_constants)
+                       bottom_up, near_zeros, on_domain, round_constants)
 from .psets import load_pset
 from .symbolic import _bad, _walk, to_sympy
 from .trees import to_text
@@ -271,21 +271,14 @@ def _exact_constants(expr, forms):
 def _fold_rationals(expr):
     """Sums, products and integer powers of rationals evaluated (0 + 1/10000000 reads
     1/10000000); everything else left as it stands (unevaluated)."""
-    memo: dict = {}
-    for node in sympy.postorder_traversal(expr):
-        if node in memo:
-            continue
-        if node.is_Atom or not node.args:
-            memo[node] = node
-            continue
-        args = [memo[a] for a in node.args]
+    def rule(node, args):
         small = [a for a in args if a.is_Rational and max(abs(a.p), a.q).bit_length() < 256]
         if node.func in (kabs, sympy.Abs) and small:
-            memo[node] = abs(args[0])
-        elif node.func is sympy.Pow and len(small) == 2 and args[1].is_Integer:
+            return abs(args[0])
+        if node.func is sympy.Pow and len(small) == 2 and args[1].is_Integer:
             with sympy.evaluate(True):
-                memo[node] = node.func(*args)
-        elif node.func in (sympy.Add, sympy.Mul) and small:
+                return node.func(*args)
+        if node.func in (sympy.Add, sympy.Mul) and small:
             with sympy.evaluate(True):
                 number = node.func(*small)
             rest = [a for a in args if a not in small]
@@ -294,10 +287,9 @@ def _fold_rationals(expr):
                 rest = []
             keep = [number] if number != unit or not rest else []
             terms = keep + rest if node.func is sympy.Mul else rest + keep   # 2*p, p + 1/10
-            memo[node] = terms[0] if len(terms) == 1 else node.func(*terms, evaluate=False)
-        else:
-            memo[node] = node.func(*args, evaluate=False) if args != list(node.args) else node
-    return memo[expr]
+            return terms[0] if len(terms) == 1 else node.func(*terms, evaluate=False)
+        return node.func(*args, evaluate=False) if args != list(node.args) else node
+    return bottom_up(expr, rule)
 
 
 EXACT_MAX_SIZE = 60   # target_exact/other_exact are computed exactly up to this tree size

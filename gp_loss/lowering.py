@@ -240,6 +240,17 @@ def _zeros(expr, env, grid, capped=None):
     return mid
 
 
+def bottom_up(expr, rule):
+    """``expr`` rebuilt from its leaves up: ``rule(node, args)`` (args: the node's arguments,
+    already rebuilt) gives each inner node's replacement; atoms stay. Shared subtrees once."""
+    memo: dict = {}
+    for node in sympy.postorder_traversal(expr):
+        if node not in memo:
+            memo[node] = node if node.is_Atom or not node.args else \
+                rule(node, [memo[a] for a in node.args])
+    return memo[expr]
+
+
 # ----------------------------------------------------------------------------- the domain decides
 
 MAX_DECIDED = 64   # max/min/abs nodes looked at, at most (bounded work)
@@ -255,22 +266,16 @@ def on_domain(expr, dom: dict):
     keeps the node. Per-sample domains (rows) are left alone."""
     if np.ndim(dom.get("p")) != 1:
         return expr
-    memo: dict = {}
     budget = [MAX_DECIDED]
-    for node in sympy.postorder_traversal(expr):
-        if node in memo:
-            continue
-        if node.is_Atom or not node.args:
-            memo[node] = node
-            continue
-        args = [memo[a] for a in node.args]
+
+    def rule(node, args):
         new = node if args == list(node.args) else node.func(*args)
         if (new.func in _MINMAX or new.func in (kabs, sympy.Abs)) and new.free_symbols \
                 and budget[0] > 0:
             budget[0] -= 1
             new = _decided(new, dom)
-        memo[node] = new
-    return memo[expr]
+        return new
+    return bottom_up(expr, rule)
 
 
 def _decided(node, dom):
@@ -328,30 +333,19 @@ def _protected_nodes(expr):
 def _rebuild(expr, plain: set, eps=_EPS):
     """``expr`` with each protected node in its plain (in ``plain``) or eps form; numbers of
     protected functions (and of opaque functions SymPy leaves unevaluated) are folded."""
-    memo: dict = {}
-    for node in sympy.postorder_traversal(expr):
-        if node in memo:
-            continue
-        if not node.args or node.is_Atom:
-            memo[node] = node
-            continue
-        args = [memo[a] for a in node.args]
+    def rule(node, args):
         if node.func in (plog, precip):
             arg = args[0]
             if arg.is_Float or (arg.is_Number and eps.is_Float):
-                memo[node] = sympy.Float(float(evaluate(node.func(arg), {})))
-            elif node in plain:
-                memo[node] = _plain_form(node, arg)
-            else:
-                memo[node] = _eps_form(node, arg, eps)
-            continue
+                return sympy.Float(float(evaluate(node.func(arg), {})))
+            return _plain_form(node, arg) if node in plain else _eps_form(node, arg, eps)
         new = node.func(*args)
         if eps.is_Float and new.args and all(a.is_Number for a in new.args) \
                 and new.func in _FUNCS:
             value = float(evaluate(new, {}))
             new = sympy.Float(value) if math.isfinite(value) else new
-        memo[node] = new
-    return memo[expr]
+        return new
+    return bottom_up(expr, rule)
 
 
 def _plain_finite(node, plain, dom, eps) -> bool:

@@ -138,40 +138,36 @@ def test_exact_per_class_texts_are_sympy(expr, target_exact):
     assert O.check_per_class(exact, tree, pset) is None
 
 
-def test_exact_texts_print_without_evaluating_their_constants():
-    """Printing an exact per-class text must not evaluate its constants numerically: SymPy's
-    ordering of number-like factors ran for minutes on this tree (found by bench_formula)."""
+def _within(seconds, fn):
+    """``fn()``, failing the test (not hanging it) if it has not returned after ``seconds``:
+    a guard against the unbounded SymPy paths below, with a wide margin (they take < 1 s)."""
     import signal
 
     def hang(*_):
-        raise TimeoutError("per_class took over 20 s")
+        raise TimeoutError(f"still running after {seconds} s")
     old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
+    signal.alarm(seconds)
     try:
-        form = F.per_class(parse("mul(sub(inv1p(sinh(neg(sigmoid(p)))), square(div(dsigmoid("
-                                 "atan(p)), log(dsigmoid(y))))), erf(abs(atan(erfc(atan(y))))))"))
+        return fn()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_exact_texts_print_without_evaluating_their_constants():
+    """Printing an exact per-class text must not evaluate its constants numerically: SymPy's
+    ordering of number-like factors ran for minutes on this tree (found by bench_formula)."""
+    tree = parse("mul(sub(inv1p(sinh(neg(sigmoid(p)))), square(div(dsigmoid(atan(p)), "
+                 "log(dsigmoid(y))))), erf(abs(atan(erfc(atan(y))))))")
+    form = _within(20, lambda: F.per_class(tree))
     assert form is not None and "sigmoid" in form["target_exact"]
 
 
 def test_latex_of_symbolic_exponents_is_bounded():
     """LaTeX printing decides what goes below the bar by structure: SymPy's own fraction()
     asked is_constant() of exp(-atan(..)) exponents and ran simplify for minutes (review)."""
-    import signal
-
-    def hang(*_):
-        raise TimeoutError("latex took over 30 s")
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(30)
-    try:
-        tree = parse("i1e(isru(1, dtanh(add(atan(sin(p)), tanh(asinh(p))))))")
-        tex = F.latex(tree)
-        form = F.per_class(tree)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    tree = parse("i1e(isru(1, dtanh(add(atan(sin(p)), tanh(asinh(p))))))")
+    tex, form = _within(30, lambda: (F.latex(tree), F.per_class(tree)))
     assert r"I_{1}" in tex and form is not None and r"I_{1}" in form["target_latex"]
     assert F.latex(parse("div(p, add(y, 2))")) == r"\frac{p}{y + 2}"
 
