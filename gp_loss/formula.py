@@ -146,7 +146,7 @@ def _present(raw, dom):
     shown = _tidy(low)
     if shown is not low:
         try:
-            if not agree(evaluate(shown, dom), reference, RTOL / 2):
+            if not agree(evaluate(shown, dom), reference, RTOL / 2, dom.get("y")):
                 shown = low    # the tidy form loses digits here (cancellation): keep the lowered
         except Unevaluable:
             shown = low

@@ -139,19 +139,36 @@ def domain(per_sample: bool, classes: int = 4) -> dict:
     return {"y": y, "p": prob}
 
 
-def agree(value, reference, rtol: float = RTOL) -> bool:
+def agree(value, reference, rtol: float = RTOL, groups=None) -> bool:
     """``value`` equals ``reference`` wherever the reference is finite: |a - b| <= rtol *
-    max(|b|, FLOOR * max|b|) (the floor keeps a zero crossing from demanding exactness)."""
+    max(|b|, FLOOR * max|b|) (the floor keeps a zero crossing from demanding exactness).
+    ``groups`` (the domain's y, same shape as the reference) takes the floor's max within each
+    y value: the true-class and other-class terms train separately, so a huge y = 1 term must
+    not hide an eps that moves the y = 0 term (1/p + 1e14*y)."""
     a = np.broadcast_to(np.asarray(value, dtype=float), np.shape(reference))
     b = np.asarray(reference, dtype=float)
     ok = np.isfinite(b)
     if not ok.any():
         return True
+    g = None
+    if groups is not None and np.shape(groups) == b.shape:
+        g = np.asarray(groups)[ok]
     a, b = a[ok], b[ok]
     if not np.isfinite(a).all():
         return False
-    scale = np.maximum(np.abs(b), FLOOR * np.abs(b).max())
-    return bool(np.all(np.abs(a - b) <= rtol * scale))
+    return bool(np.all(np.abs(a - b) <= rtol * local_scale(b, g)))
+
+
+def local_scale(b, groups=None):
+    """max(|b|, FLOOR * max|b|), the max taken within each value of ``groups`` when given."""
+    mag = np.abs(b)
+    if groups is None:
+        return np.maximum(mag, FLOOR * mag.max(initial=0))
+    floor = np.zeros_like(mag)
+    for gv in np.unique(groups):
+        sel = groups == gv
+        floor[sel] = FLOOR * mag[sel].max()
+    return np.maximum(mag, floor)
 
 
 # Around each point where a subexpression is zero, the decisions also look at these relative
@@ -376,7 +393,8 @@ def lower(expr, dom: dict, eps=_EPS):
             continue   # 1/0 or log(0) on the domain: a reader would see an infinite
         trial = plain | {node}
         try:
-            ok = agree(evaluate(_rebuild(expr, trial, eps), dom), reference, DECIDE_RTOL)
+            ok = agree(evaluate(_rebuild(expr, trial, eps), dom), reference, DECIDE_RTOL,
+                       dom.get("y"))
         except Unevaluable:
             ok = False
         if ok:
@@ -424,7 +442,8 @@ def round_constants(expr, reference, dom: dict):
             value = evaluate(expr.xreplace(swap), dom)
         except Unevaluable:
             return False
-        return agree(value, reference, ROUNDED_RTOL if visible(swap) else RTOL / 2)
+        return agree(value, reference, ROUNDED_RTOL if visible(swap) else RTOL / 2,
+                     dom.get("y"))
 
     for group in groups:
         for digits in (6, 10):

@@ -189,7 +189,7 @@ def printed_values(text, y, p, want=None, nonfinite_only=False, rtol=1e-6):
     ok = np.isfinite(want)
     redo = ok & ~np.isfinite(got)
     if not nonfinite_only and ok.any():   # and where float64 missed the tolerance (cancellation)
-        scale = np.maximum(np.abs(want), 1e-6 * np.abs(want[ok]).max())
+        scale = _scale(want, ok, y)
         with np.errstate(all="ignore"):
             redo |= ok & (np.abs(got - want) > rtol * scale)
     if redo.any():
@@ -221,16 +221,30 @@ def shows_six_digits(text) -> bool:
     return False
 
 
-def mismatch(a, b, rtol):
+def _scale(b, ok, y=None):
+    """|b|, floored at 1e-6 of the largest finite |b| -- within each y value when ``y`` has
+    b's shape (the two classes' terms train separately: a huge y = 1 term does not excuse an
+    error in the y = 0 term). Independent of gp_loss.lowering's own check."""
+    mag = np.where(ok, np.abs(b), 0.0)
+    floor = np.full_like(mag, 1e-6 * mag.max(initial=0))
+    if y is not None and np.shape(y) == np.shape(b):
+        y = np.asarray(y)
+        for v in np.unique(y):
+            sel = y == v
+            floor[sel] = 1e-6 * mag[sel].max(initial=0)
+    return np.maximum(np.maximum(mag, floor), 1e-300)
+
+
+def mismatch(a, b, rtol, y=None):
     """None when ``a`` equals ``b`` where ``b`` is finite (relative ``rtol``; values under 1e-6
-    of the largest count as that size), else a short description."""
+    of the largest -- of the same y, when given -- count as that size), else a short
+    description."""
     ok = np.isfinite(b)
     if not ok.any():
         return None
     if not np.isfinite(a[ok]).all():
         return "printed formula not finite where the loss is"
-    scale = np.maximum(np.maximum(np.abs(b[ok]), 1e-6 * np.abs(b[ok]).max()), 1e-300)
-    err = np.abs(a[ok] - b[ok]) / scale
+    err = np.abs(a[ok] - b[ok]) / _scale(b, ok, y)[ok]
     return None if err.max() <= rtol else f"relative error {err.max():.3g}"
 
 
@@ -242,7 +256,7 @@ def check_text(text, tree, pset, y, p):
         got = printed_values(text, y, p, want, rtol=rtol)
     except Exception as exc:  # noqa: BLE001 - a formula that does not parse back is a failure
         return f"does not parse back: {type(exc).__name__}: {exc}"
-    return mismatch(got, want, rtol)
+    return mismatch(got, want, rtol, y if np.ndim(p) == 1 else None)
 
 
 def check_per_class(form, tree, pset, sign=1, p=None):

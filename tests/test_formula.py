@@ -53,6 +53,18 @@ def test_protected_constant_keeps_its_eps():
     assert text.startswith("2689410*p/"), text
 
 
+def test_an_eps_in_one_class_is_not_hidden_by_the_other_class():
+    # 1e14*y dwarfs the y = 0 term; a floor taken over both classes read 1/(p + eps) as 1/p
+    # (1e-3 off at p = 1e-4), and the oracle's own floor let it pass (review).
+    tree = parse("add(recip(p), mul(1e14, y))")
+    assert "1/(p + 1e-07)" in F.formula(tree)
+    assert F.per_class(tree)["other"] == "1/(p + 1e-07)"
+    assert O.failures([tree], load_pset("paper")) == []
+    y, p = O.dense_points(tree, load_pset("paper"))
+    plain = O.printed_values("100000000000000*y + 1/p", y, p)
+    assert O.mismatch(plain, O.reference(tree, load_pset("paper"), y, p), 1e-6, y) is not None
+
+
 def test_per_class_form():
     form = F.per_class(parse("i1e_ratio"))
     assert form["target"] == "6.18153*exp(-p)*i1(p)" and form["other"] == "4.80976*exp(-p)*i1(p)"
