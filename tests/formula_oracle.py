@@ -4,8 +4,12 @@ A printed formula must be the loss: its text, parsed back by SymPy (``parse_expr
 documented names of ``gp_loss.formula.FUNCTIONS``), evaluated with SymPy's own numpy
 translation, equals the tree evaluated with the op table's independent float64 numpy
 references -- on y in {0, 1}, p in [1e-4, 1 - 1e-4] (paper) or one-hot and softmax rows (typed),
-relative 1e-6, 2e-5 where the text shows a 6-digit constant. Nothing here uses the display
-code's own evaluator (``lowering.evaluate``).
+relative 1e-6, 2e-5 where the text shows a 6-digit constant, plus what moving p by 8 float
+steps does to either (``slack``: float64 cannot pin a value closer than that near a pole or a
+cancellation). Nothing here uses the display code's own evaluator (``lowering.evaluate``).
+
+Known limit: the formula is the exact mathematics of the tree; where float64 absorbs a term
+(p + 1e20 - 1e20 computes 0) the text shows the mathematics (p) and this oracle says so.
 """
 from __future__ import annotations
 
@@ -235,17 +239,53 @@ def _scale(b, ok, y=None):
     return np.maximum(np.maximum(mag, floor), 1e-300)
 
 
-def mismatch(a, b, rtol, y=None):
+ULPS = 8   # the loss and the text may differ by what moving p by this many float steps does
+
+
+def slack(values, y, p, center):
+    """Per point, how much ``values(y, p)`` moves when p moves ULPS float steps either way
+    (inf where that reaches a non-finite value: a pole within float spacing; 0 where
+    ``center`` itself is not finite). Float64 cannot
+    pin a value more closely than that, in the loss or in its text: a pole placed by
+    sigmoid(1) - 1e-7 (1e17 in one, inf in the other), sin(sinh(log(...))) at 1e15."""
+    out = np.zeros(np.shape(p)[:1])
+    if np.ndim(p) != 1 or not np.size(p):
+        return out
+    for s in (-1, 1):
+        q = p * (1 + s * ULPS * 2.0 ** -52)
+        with np.errstate(all="ignore"):
+            moved = np.asarray(values(y, q), dtype=float)
+            d = np.abs(moved - center)
+        d[~np.isfinite(moved)] = np.inf
+        out = np.maximum(out, np.where(np.isfinite(center), d, 0.0))
+    return out
+
+
+def mismatch(a, b, rtol, y=None, allowed=None):
     """None when ``a`` equals ``b`` where ``b`` is finite (relative ``rtol``; values under 1e-6
-    of the largest -- of the same y, when given -- count as that size), else a short
-    description."""
+    of the largest -- of the same y, when given -- count as that size; ``allowed``: (the
+    loss's, the text's) ``slack`` per point, added to the tolerance), else a short description."""
     ok = np.isfinite(b)
     if not ok.any():
         return None
-    if not np.isfinite(a[ok]).all():
+    own, text = (np.zeros_like(b), np.zeros_like(b)) if allowed is None else allowed
+    extra = own + text
+    # A pole: within ULPS steps the loss itself moves by more than its own size.
+    pole = (own[ok] > 0) & (own[ok] >= np.abs(b[ok]))
+    if not (np.isfinite(a[ok]) | pole).all():
         return "printed formula not finite where the loss is"
-    err = np.abs(a[ok] - b[ok]) / _scale(b, ok, y)[ok]
-    return None if err.max() <= rtol else f"relative error {err.max():.3g}"
+    scale = _scale(b, ok, y)[ok]
+    with np.errstate(all="ignore"):
+        err = np.abs(a[ok] - b[ok])
+    bad = (err > rtol * scale + extra[ok]) & ~pole
+    worst = (err / scale)[bad].max(initial=0)
+    return None if not bad.any() else f"relative error {worst:.3g}"
+
+
+def _conditioning(text, tree, pset, y, p, got, want, sign=1):
+    """(``slack`` of the loss, that of the printed text) at each point."""
+    return (slack(lambda yy, q: sign * reference(tree, pset, yy, q), y, p, want),
+            slack(lambda yy, q: printed_values(text, yy, q), y, p, got))
 
 
 def check_text(text, tree, pset, y, p):
@@ -256,7 +296,10 @@ def check_text(text, tree, pset, y, p):
         got = printed_values(text, y, p, want, rtol=rtol)
     except Exception as exc:  # noqa: BLE001 - a formula that does not parse back is a failure
         return f"does not parse back: {type(exc).__name__}: {exc}"
-    return mismatch(got, want, rtol, y if np.ndim(p) == 1 else None)
+    if mismatch(got, want, rtol, y if np.ndim(p) == 1 else None) is None:
+        return None
+    return mismatch(got, want, rtol, y if np.ndim(p) == 1 else None,
+                    _conditioning(text, tree, pset, y, p, got, want))
 
 
 def check_per_class(form, tree, pset, sign=1, p=None):
@@ -284,6 +327,12 @@ def check_per_class(form, tree, pset, sign=1, p=None):
                 problems.append(f"{side}: not a constant apart (spread {spread:.3g})")
             continue
         bad = mismatch(got, want, rtol)
+        if bad:
+            yy = np.zeros_like(p)
+            bad = mismatch(got, want, rtol, allowed=(
+                slack(lambda _, q: sign * reference(tree, pset, np.full_like(q, yv), q),
+                      yy, p, want),
+                slack(lambda _, q: printed_values(form[side], np.zeros_like(q), q), yy, p, got)))
         if bad:
             problems.append(f"{side}: {bad}")
     return "; ".join(problems) or None

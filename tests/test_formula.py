@@ -3,6 +3,7 @@ equals the op table's numpy references on the loss domain, for fixed-seed random
 sets, the zoo and every candidate the shipped mnist5k run trained (``formula_oracle.py``)."""
 import random
 
+import numpy as np
 import pytest
 
 from gp_loss import formula as F
@@ -63,6 +64,27 @@ def test_an_eps_in_one_class_is_not_hidden_by_the_other_class():
     y, p = O.dense_points(tree, load_pset("paper"))
     plain = O.printed_values("100000000000000*y + 1/p", y, p)
     assert O.mismatch(plain, O.reference(tree, load_pset("paper"), y, p), 1e-6, y) is not None
+
+
+def test_the_oracle_allows_float_spacing_at_a_pole_and_nothing_more():
+    pset = load_pset("paper")
+    # 1/(p - sigmoid(1) + eps) shown as 1/(p - 0.731058478630005): at that float the loss is
+    # 1e17 and the text inf -- float64 cannot tell them apart (8 float steps move the loss by
+    # more than its size).
+    assert O.failures([parse("recip(sub(p, sigmoid(1)))")], pset) == []
+    # ... but a pole the loss does not have is still caught: at p = 0.5 the loss is 1/eps.
+    tree = parse("recip(sub(p, 0.5))")
+    y, p = O.dense_points(tree, pset)
+    p = np.concatenate([p, [0.5, 0.5]])
+    y = np.concatenate([y, [0.0, 1.0]])
+    assert O.check_text("1/(p - 0.5)", tree, pset, y, p) is not None
+    assert O.check_text(F.formula(tree), tree, pset, y, p) is None
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: the formula is the exact mathematics "
+                   "(p); float64 absorbs p into 1e20, so the loss computes 0")
+def test_float_absorption_is_not_shown():
+    assert O.failures([parse("sub(add(p, 1e20), 1e20)")], load_pset("paper")) == []
 
 
 def test_per_class_form():
