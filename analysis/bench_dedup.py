@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gp_loss import screen  # noqa: E402
+from gp_loss.screen import integrity as screen  # noqa: E402
 
 
 def load_pairs(path):

@@ -22,16 +22,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import formula_oracle as O  # noqa: E402
 
-from gp_loss import formula as F  # noqa: E402
-from gp_loss.psets import load_pset  # noqa: E402
-from gp_loss.store import RunStore  # noqa: E402
-from gp_loss.trees import parse, random_tree  # noqa: E402
+from gp_loss.lang import formula as F  # noqa: E402
+from gp_loss.lang.psets import load_pset  # noqa: E402
+from gp_loss.runs.store import RunStore  # noqa: E402
+from gp_loss.lang.trees import parse, random_tree  # noqa: E402
 
 
 def _timed_failures(trees, pset, label):
     """The oracle's failures, one tree at a time, with progress on stderr and the slowest
     trees' seconds (formula, per-class form and the check together)."""
-    from gp_loss.trees import to_text
+    from gp_loss.lang.trees import to_text
     bad, times = [], []
     for i, t in enumerate(trees, 1):
         faulthandler.dump_traceback_later(120)   # a stack on stderr if one tree hangs
@@ -51,9 +51,16 @@ def _baseline_formulas(checkout, exprs):
     import os
     import subprocess
     code = ("import json, sys\n"
-            "from gp_loss.psets import load_pset\nfrom gp_loss.trees import parse\n"
-            "from gp_loss import symbolic\npset = load_pset('paper')\n"
-            "print(json.dumps([symbolic.formula(parse(e, pset, max_height=10**4, "
+            "try:\n"   # the layout since the package redesign (issue 13) ...
+            "    from gp_loss.lang.psets import load_pset\n"
+            "    from gp_loss.lang.trees import parse\n"
+            "    from gp_loss.lang.formula import formula\n"
+            "except ImportError:\n"   # ... or the flat one of earlier checkouts
+            "    from gp_loss.psets import load_pset\n"
+            "    from gp_loss.trees import parse\n"
+            "    from gp_loss.symbolic import formula\n"
+            "pset = load_pset('paper')\n"
+            "print(json.dumps([formula(parse(e, pset, max_height=10**4, "
             "max_size=10**4), pset) for e in json.load(sys.stdin)]))")
     env = dict(os.environ, PYTHONPATH=str(Path(checkout).resolve()))
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(exprs), env=env,

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gp_loss  # noqa: E402
-from gp_loss import codegen  # noqa: E402
+from gp_loss.lang import codegen  # noqa: E402
 
 EPS = 1e-7
 

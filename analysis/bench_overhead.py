@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gp_loss.evolution as evo  # noqa: E402
+import gp_loss.search.evolution as evo  # noqa: E402
 from gp_loss.config import load_config  # noqa: E402
 
 

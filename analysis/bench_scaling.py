@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gp_loss.evolution as evo  # noqa: E402
+import gp_loss.search.evolution as evo  # noqa: E402
 from gp_loss.config import load_config  # noqa: E402
 
 
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
                 if kind == "ray" and ray is None:
                     import ray
 
-                    from gp_loss.executor_ray import start_local
+                    from gp_loss.execution.ray_backend import start_local
 
                     start_local(ray, num_cpus=2)
                 ceilings.append(ceiling())

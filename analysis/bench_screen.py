@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gp_loss import screen, symbolic, trees  # noqa: E402
-from gp_loss.psets import load_pset  # noqa: E402
+from gp_loss.lang import symbolic, trees  # noqa: E402
+from gp_loss.screen import integrity as screen  # noqa: E402
+from gp_loss.lang.psets import load_pset  # noqa: E402
 
 ZOO = ("ce", "baikal", "focal", "mse")
 

@@ -1,4 +1,4 @@
-"""P4: throughput of the surrogate training loop (gp_loss.train) against two references.
+"""P4: throughput of the surrogate training loop (gp_loss.surrogate.train) against two references.
 
 Fed by: nothing but the package (digits, the default `surrogate` settings). Run by `make bench`.
 
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from gp_loss.data import load_splits, resolve_device
-from gp_loss.models import build_model
-from gp_loss.train import SURROGATE_DEFAULTS, _make_optimizer, train_candidate
+from gp_loss.surrogate.data import load_splits, resolve_device
+from gp_loss.surrogate.models import build_model
+from gp_loss.surrogate.train import SURROGATE_DEFAULTS, _make_optimizer, train_candidate
 
 
 def _fresh(cfg: dict, splits, seed: int, device: str):

@@ -3,7 +3,7 @@
 Rows are losses, columns are cells (dataset / model / augmentation); each entry is the test
 accuracy (%) at the best-validation checkpoint, mean ± std over the seeds; the best mean of a
 column is bold and † marks a Holm-corrected Welch p < 0.05 against cross-entropy. The table is
-``gp_loss.protocol.markdown_table`` (also behind ``compare --markdown FILE``).
+``gp_loss.protocol.compare.markdown_table`` (also behind ``compare --markdown FILE``).
 
 Usage: python analysis/compare_table.py compare.json [-o table.md] [--digits 2]
 """
@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from gp_loss.protocol import markdown_table
+from gp_loss.protocol.compare import markdown_table
 
 
 def main(argv=None) -> int:

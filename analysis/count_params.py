@@ -1,4 +1,4 @@
-"""Parameter counts of every model in `gp_loss.models.MODELS` for a few input shapes.
+"""Parameter counts of every model in `gp_loss.surrogate.models.MODELS` for a few input shapes.
 
 Fed by: the package only (models are built on the CPU, nothing is trained or downloaded).
 Prints one line per model and shape, then a JSON object as its last line (DESIGN §8 convention):
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from gp_loss.models import MODELS, build_model
+from gp_loss.surrogate.models import MODELS, build_model
 
 SHAPES = [("grey28x10", 1, 10, 28), ("colour32x10", 3, 10, 32), ("colour32x100", 3, 100, 32)]
 

@@ -34,13 +34,13 @@ class InputError(ValueError):
 
 # name -> (module, attribute), resolved on first access by the module ``__getattr__``.
 _LAZY = {
-    "ParseError": ("trees", "ParseError"),
-    "random_tree": ("trees", "random_tree"),
-    "mutate": ("trees", "mutate"),
-    "PSetError": ("psets", "PSetError"),
-    "load_pset": ("psets", "load_pset"),
-    "available_psets": ("psets", "available_psets"),
-    "EPS": ("primitives", "EPS"),
+    "ParseError": ("lang.trees", "ParseError"),
+    "random_tree": ("lang.trees", "random_tree"),
+    "mutate": ("lang.trees", "mutate"),
+    "PSetError": ("lang.psets", "PSetError"),
+    "load_pset": ("lang.psets", "load_pset"),
+    "available_psets": ("lang.psets", "available_psets"),
+    "EPS": ("lang.ops", "EPS"),
 }
 
 
@@ -50,10 +50,6 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
-    if name == "export":
-        # ``gp_loss.export`` is the submodule, made callable: ``gp_loss.export(exprs, path)``
-        # (see ``export.export_exprs``) and ``gp_loss.export.write(...)`` both work.
-        return importlib.import_module(".export", __name__)
     if name == "ZOO":
         # The paper set's reference losses, name -> expression text (a fresh copy each time).
         return dict(_pset("paper").zoo)
@@ -61,14 +57,14 @@ def __getattr__(name):
 
 
 def _pset(pset):
-    from .psets import load_pset
+    from .lang.psets import load_pset
     return load_pset(pset)
 
 
 def _tree(expr, pset):
     """Text -> parsed tree; a tree passes through unchanged."""
     if isinstance(expr, str):
-        from .trees import parse as _parse
+        from .lang.trees import parse as _parse
         return _parse(expr, pset)
     from deap import gp
     if isinstance(expr, gp.PrimitiveTree):
@@ -78,13 +74,13 @@ def _tree(expr, pset):
 
 def parse(text: str, pset="paper"):
     """Expression text (or a zoo name) -> ``deap.gp.PrimitiveTree``; raises ``ParseError``."""
-    from .trees import parse as _parse
+    from .lang.trees import parse as _parse
     return _parse(text, pset)
 
 
 def to_text(tree, pset="paper") -> str:
     """Tree (or text) -> canonical expression text, e.g. ``neg(mul(y, log(p)))``."""
-    from .trees import to_text as _to_text
+    from .lang.trees import to_text as _to_text
     pset = _pset(pset)
     return _to_text(_tree(tree, pset), pset)
 
@@ -93,7 +89,7 @@ def check(expr, pset="paper") -> dict:
     """Screen an expression before any training (DESIGN §5 steps 1-3: the paper's integrity
     check, dependence on p and y, finiteness): ``{'accepted', 'reason', 'sign'}``. The sign is
     the one the integrity check chose (+1 when it rejected)."""
-    from . import screen
+    from .screen import integrity as screen
     pset = _pset(pset)
     result = screen.screen(_tree(expr, pset), pset)
     sign = result.sign if result.sign in (1, -1) else 1
@@ -102,7 +98,7 @@ def check(expr, pset="paper") -> dict:
 
 def sign_of(expr, pset="paper") -> int:
     """The orientation the integrity check gives ``expr`` (+1 or -1; +1 when it rejects)."""
-    from . import screen
+    from .screen import integrity as screen
     pset = _pset(pset)
     tree = _tree(expr, pset)
     try:
@@ -115,7 +111,7 @@ def sign_of(expr, pset="paper") -> int:
 def same(a, b, pset="paper") -> bool:
     """True when ``a`` and ``b`` are the same candidate: equal canonical keys or the same
     oriented gradient on the probe batch (DESIGN §5.4). The test the search uses."""
-    from . import screen
+    from .screen import integrity as screen
     pset = _pset(pset)
     return bool(screen.same(_tree(a, pset), _tree(b, pset), pset))
 
@@ -127,9 +123,9 @@ def simplify(expr, pset="paper") -> dict:
     check, so two expressions that are ``same`` by algebra share it), and the per-class form
     (``T(p_t) + sum_{c != t} O(p_c)``, the expression as written: no sign applied; None with
     the reason where the set has none). The same keys as ``gp-loss simplify --json``."""
-    from . import formula as _formula
-    from . import symbolic
-    from .trees import to_text as _to_text
+    from .lang import formula as _formula
+    from .lang import symbolic
+    from .lang.trees import to_text as _to_text
     pset = _pset(pset)
     tree = _tree(expr, pset)
     return {
@@ -142,11 +138,19 @@ def simplify(expr, pset="paper") -> dict:
     }
 
 
+def export(exprs, path, pset="paper", names=None, fmt: str = "python") -> list:
+    """Write the expressions ``exprs`` (texts, zoo names or trees) to ``path`` as one file of
+    ``fmt``: ``python`` (standalone PyTorch, the printer's code), ``latex``, ``sympy`` or
+    ``json`` -- what ``gp-loss export --expr`` writes. Returns the entries written."""
+    from .lang import export as _export
+    return _export.export_exprs(exprs, path, pset, names, fmt)
+
+
 def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -> str:
     """The standalone PyTorch module ``gp-loss export`` writes for one expression (imports only
     torch and math). ``sign`` None: decided by the integrity check. ``formula`` None: the
     simplified formula goes in the docstring."""
-    from . import export as _export
+    from .lang import export as _export
     entry = _export.make_entry(expr, pset, name=name, sign=sign, formula=formula)
     return _export.render([entry], "python")
 
@@ -154,8 +158,8 @@ def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -
 def compile_loss(expr, pset="paper", sign=None, name: str = "loss"):
     """``loss(logits, target) -> scalar tensor`` compiled from the printer's source for ``expr``
     (exactly the code ``export`` writes). ``sign`` None: decided by the integrity check."""
-    from . import codegen
-    from . import export as _export
+    from .lang import codegen
+    from .lang import export as _export
     pset = _pset(pset)
     tree = _tree(expr, pset)
     sign = sign_of(tree, pset) if sign is None else _export.check_sign(sign)

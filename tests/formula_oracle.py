@@ -1,7 +1,7 @@
 """The printed-formula oracle, shared by tests/test_formula.py and analysis/bench_formula.py.
 
 A printed formula must be the loss: its text, parsed back by SymPy (``parse_expr`` with the
-documented names of ``gp_loss.formula.FUNCTIONS``), evaluated with SymPy's own numpy
+documented names of ``gp_loss.lang.formula.FUNCTIONS``), evaluated with SymPy's own numpy
 translation, equals the tree evaluated with the op table's independent float64 numpy
 references -- on y in {0, 1}, p in [1e-4, 1 - 1e-4] (paper) or one-hot and softmax rows (typed),
 relative 1e-6, 2e-5 where the text shows a 6-digit constant, plus what moving p by 8 float
@@ -23,9 +23,9 @@ from deap import gp
 from scipy import special as sps
 from sympy.parsing.sympy_parser import parse_expr
 
-from gp_loss.formula import FUNCTIONS
-from gp_loss.primitives import REDUCTIONS
-from gp_loss.trees import var_name
+from gp_loss.lang.formula import FUNCTIONS
+from gp_loss.lang.ops import REDUCTIONS
+from gp_loss.lang.trees import var_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "results" / "mnist5k" / "run" / "run.sqlite"
@@ -228,7 +228,7 @@ def shows_six_digits(text) -> bool:
 def _scale(b, ok, y=None):
     """|b|, floored at 1e-6 of the largest finite |b| -- within each y value when ``y`` has
     b's shape (the two classes' terms train separately: a huge y = 1 term does not excuse an
-    error in the y = 0 term). Independent of gp_loss.lowering's own check."""
+    error in the y = 0 term). Independent of gp_loss.lang.lowering's own check."""
     mag = np.where(ok, np.abs(b), 0.0)
     floor = np.full_like(mag, 1e-6 * mag.max(initial=0))
     if y is not None and np.shape(y) == np.shape(b):
@@ -340,8 +340,8 @@ def check_per_class(form, tree, pset, sign=1, p=None):
 
 def failures(trees, pset):
     """Each tree whose printed formula or per-class form is not its loss, with why."""
-    from gp_loss import formula as F
-    from gp_loss.trees import to_text
+    from gp_loss.lang import formula as F
+    from gp_loss.lang.trees import to_text
     y, p = points(not pset.class_sum)
     bad = []
     for t in trees:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import gp_loss.evolution as evo
-from gp_loss.cache import FitnessCache, settings_digest
+import gp_loss.search.evolution as evo
+from gp_loss.search.cache import FitnessCache, settings_digest
 from gp_loss.config import Config, apply_overrides, config_to_dict
 
 from test_search import FakeEvaluate, table
@@ -40,8 +40,7 @@ def test_second_run_with_the_same_settings_trains_nothing(tmp_path, monkeypatch)
     assert from_cache and all(r["result"]["cached"] for r in from_cache)
     assert {r["reason"] for r in from_cache if r["status"] == "reused"} == {"cache"}
     # show counts them
-    from gp_loss import report
-
+    from gp_loss.runs import report
     summary = report.summary(b, 3, formulas=False)
     assert summary["counts"]["from_cache"] == len(from_cache) > 0
     assert report.summary(a, 3, formulas=False)["counts"]["from_cache"] == 0

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 import gp_loss
-from gp_loss import cli as cli_mod
-from gp_loss.cli import cli, main
-from gp_loss.primitives import EPS
+from gp_loss.cli import app as cli_mod
+from gp_loss.cli.app import cli, main
+from gp_loss.lang.ops import EPS
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_export_several_names_and_formats(run, tmp_path):
 
 
 def test_export_run_dir(run, tmp_path):
-    from gp_loss.store import RunStore
+    from gp_loss.runs.store import RunStore
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with RunStore.create(run_dir, {"search": {"pset": "paper"}}) as store:
@@ -230,8 +230,7 @@ def test_export_to_a_directory_exits_2(run, tmp_path):
 # ----------------------------------------------------------------------------- internal error: 3
 
 def test_internal_error_exits_3_with_traceback_file(run, monkeypatch, tmp_path):
-    from gp_loss import screen
-
+    from gp_loss.screen import integrity as screen
     def boom(*_args, **_kwargs):
         raise RuntimeError("simulated bug")
     monkeypatch.setattr(screen, "screen", boom)
@@ -290,8 +289,7 @@ def test_closed_stdout_ends_quietly(closed_pipe, capsys, monkeypatch, argv):
 
 def test_broken_pipe_elsewhere_is_still_an_internal_error(run, monkeypatch):
     # e.g. a worker's pipe: only a closed standard output ends a command quietly
-    from gp_loss import screen
-
+    from gp_loss.screen import integrity as screen
     def boom(*_args, **_kwargs):
         raise BrokenPipeError(32, "Broken pipe")
     monkeypatch.setattr(screen, "screen", boom)
@@ -326,7 +324,7 @@ def test_help_of_every_command_has_an_example(run):
 
 def test_extensions_register_commands_lazily(run, tmp_path, monkeypatch):
     (tmp_path / "gp_loss_test_ext.py").write_text(
-        "import click\nfrom gp_loss.cli import cli\n\n"
+        "import click\nfrom gp_loss.cli.app import cli\n\n"
         "@cli.command()\ndef hello():\n    \"\"\"Say hi.\"\"\"\n    click.echo('hi')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli_mod, "EXTENSIONS", ("gp_loss_test_ext", "gp_loss_no_such_module"))
@@ -338,14 +336,14 @@ def test_extensions_register_commands_lazily(run, tmp_path, monkeypatch):
 
 
 def test_formats_agree():
-    from gp_loss import export
+    from gp_loss.lang import export
     assert cli_mod.FORMATS == export.FORMATS
 
 
 def test_import_and_help_stay_light():
-    code = ("import sys, gp_loss, gp_loss.cli\n"
+    code = ("import sys, gp_loss, gp_loss.cli.app\n"
             "from click.testing import CliRunner\n"
-            "assert CliRunner().invoke(gp_loss.cli.cli, ['--help']).exit_code == 0\n"
+            "assert CliRunner().invoke(gp_loss.cli.app.cli, ['--help']).exit_code == 0\n"
             "heavy = {'torch', 'sympy', 'deap', 'numpy'} & set(sys.modules)\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

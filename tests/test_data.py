@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gp_loss import augment, data
+from gp_loss.surrogate import augment
+
+from gp_loss.surrogate import data
 from gp_loss.config import ConfigError
-from gp_loss.train import train_candidate
+from gp_loss.surrogate.train import train_candidate
 
 
 @pytest.fixture(autouse=True)

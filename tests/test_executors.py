@@ -1,4 +1,4 @@
-"""Executors (gp_loss.executors, gp_loss.executor_ray): results, raised errors, dead workers
+"""Executors (gp_loss.execution.process, gp_loss.execution.ray_backend): results, raised errors, dead workers
 and their retries, Ray's absence, one real search on Ray.
 
 The process tests share one small pool where they can (spawning costs about a second per
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gp_loss.config import ConfigError
-from gp_loss.executors import (ProcessExecutor, RemoteTraceback, SerialExecutor, WorkerLost,
+from gp_loss.execution.process import (ProcessExecutor, RemoteTraceback, SerialExecutor, WorkerLost,
                                make_executor, wait_first)
 
 
@@ -130,7 +130,7 @@ def test_process_retries_a_lost_evaluation_then_fails_it(tmp_path):
 
 
 def test_process_hung_evaluation_is_killed_at_the_hard_deadline_and_not_retried():
-    from gp_loss.executors import EvaluationTimeout
+    from gp_loss.execution.process import EvaluationTimeout
 
     # timeout_s = 0.8 -> hard deadline 1.25 * 0.8 + 5 = 6 s; time.sleep stands for a step that
     # never returns (the trainer's own between-steps check cannot see it)
@@ -155,7 +155,7 @@ def test_unknown_kind_and_missing_ray_are_config_errors(monkeypatch):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    from gp_loss.executor_ray import start_local
+    from gp_loss.execution.ray_backend import start_local
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     start_local(ray, num_cpus=2)
@@ -222,7 +222,7 @@ def test_ray_gpus_that_a_local_cluster_lacks_are_a_config_error(ray_cluster):
 def test_ray_search_through_the_cli(ray_cluster, tmp_path):
     from click.testing import CliRunner
 
-    from gp_loss.cli import cli
+    from gp_loss.cli.app import cli
 
     run_dir = tmp_path / "run"
     sets = ["search.initial=4", "search.population=2", "search.tournament=2",

@@ -13,10 +13,13 @@ import numpy as np
 import sympy
 import torch
 
-from gp_loss import codegen, export
-from gp_loss import formula as F
-from gp_loss.psets import load_pset
-from gp_loss.trees import parse
+from gp_loss.lang import codegen
+
+from gp_loss.lang import export
+from gp_loss.runs import export as run_export
+from gp_loss.lang import formula as F
+from gp_loss.lang.psets import load_pset
+from gp_loss.lang.trees import parse
 
 CE = "neg(mul(y, log(p)))"
 
@@ -155,13 +158,13 @@ def test_typed_set_has_no_per_class_form_and_says_why(tmp_path):
 
 
 def test_run_export_applies_each_candidate_sign(tmp_path):
-    from gp_loss.store import RunStore
+    from gp_loss.runs.store import RunStore
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with RunStore.create(run_dir, {"search": {"pset": "paper"}}) as store:
         store.add_candidate("mul(y, log10(p))", "evaluated", fitness=0.95, sign=-1, key="b")
         store.add_candidate(CE, "evaluated", fitness=0.9, sign=1, key="a")
-    entries = export.run_entries(run_dir, top=2)
+    entries = run_export.run_entries(run_dir, top=2)
     assert [e["sign"] for e in entries] == [-1, 1]
     namespace = codegen.compile_printed(codegen.module_source(entries))
     for e, (expr, sign) in zip(entries, [("mul(y, log10(p))", -1), (CE, 1)]):
@@ -175,7 +178,7 @@ def test_the_readme_shows_the_current_export_docstring(tmp_path):
 
     from click.testing import CliRunner
 
-    from gp_loss.cli import cli
+    from gp_loss.cli.app import cli
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     at = readme.index("$ sed -n '/^def poly1(/,/^    \"\"\"$/p' poly1.py")
     shown = readme[at + 1:readme.index("```", at)]

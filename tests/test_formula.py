@@ -6,9 +6,9 @@ import random
 import numpy as np
 import pytest
 
-from gp_loss import formula as F
-from gp_loss.psets import load_pset
-from gp_loss.trees import parse, random_tree
+from gp_loss.lang import formula as F
+from gp_loss.lang.psets import load_pset
+from gp_loss.lang.trees import parse, random_tree
 
 import formula_oracle as O
 
@@ -119,7 +119,7 @@ def test_formula_is_a_pure_function_of_the_expression(monkeypatch):
 def test_the_readme_shows_the_current_simplify_output():
     from click.testing import CliRunner
 
-    from gp_loss.cli import cli
+    from gp_loss.cli.app import cli
     readme = (O.ROOT / "README.md").read_text().splitlines()
     at = readme.index("$ gp-loss simplify i1e_ratio")
     shown = readme[at + 1:at + 4]

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import gp_loss
-from gp_loss.cli import cli
+from gp_loss.cli.app import cli
 from gp_loss.found_losses import LOSSES, I1eRatio, i1e_ratio
 
 PACKAGED = Path(gp_loss.__file__).parent / "found_losses.py"

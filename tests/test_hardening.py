@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-import gp_loss.evolution as evo
-from gp_loss.psets import PSetError, load_pset
+import gp_loss.search.evolution as evo
+from gp_loss.lang.psets import PSetError, load_pset
 from tests.test_search import FakeEvaluate, make_cfg
 
 SET = """

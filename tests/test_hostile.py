@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import gp_loss.evolution as evo
-from gp_loss.cli import cli
+import gp_loss.search.evolution as evo
+from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides, config_to_dict
-from gp_loss.store import RunStore, StoreError
+from gp_loss.runs.store import RunStore, StoreError
 
 from test_search import FakeEvaluate
 

@@ -1,7 +1,7 @@
 """Inspecting runs: ``show`` (table, Pareto front, status, --latex), ``plot``, ``export RUN_DIR``.
 
 One tiny search runs once per module in-process with a fake evaluation (monkeypatched as
-``gp_loss.evolution.evaluate``, as in test_search.py): no training, but real screening,
+``gp_loss.search.evolution.evaluate``, as in test_search.py): no training, but real screening,
 mutations, re-evaluation with two seeds and a reference. The running-search test starts a
 writer in another process that holds the run's lock and keeps inserting rows.
 """
@@ -23,14 +23,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import gp_loss.evolution as evo
-from gp_loss import codegen
-from gp_loss.cli import cli
+import gp_loss.search.evolution as evo
+from gp_loss.lang import codegen
+from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides
-from gp_loss.psets import load_pset
-from gp_loss.report import evaluated_rows, pareto_front, tree_size
-from gp_loss.store import RunStore
-from gp_loss.trees import parse
+from gp_loss.lang.psets import load_pset
+from gp_loss.runs.report import evaluated_rows, pareto_front, tree_size
+from gp_loss.runs.store import RunStore
+from gp_loss.lang.trees import parse
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -172,7 +172,7 @@ def test_show_latex_is_a_table_with_one_row_per_loss(run_dir, invoke):
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    from gp_loss.store import RunStore
+    from gp_loss.runs.store import RunStore
     store = RunStore.open(sys.argv[1])
     i = 0
     while True:
@@ -223,7 +223,7 @@ def test_show_and_plot_while_another_process_writes(run_dir, tmp_path, invoke):
 
 def test_writer_active_follows_the_lock(tmp_path):
     assert not RunStore.writer_active(tmp_path)  # no lock file: nothing to probe
-    from gp_loss.report import run_status
+    from gp_loss.runs.report import run_status
 
     store = RunStore.create(tmp_path / "r", {"search": {}})
     assert RunStore.writer_active(tmp_path / "r")
@@ -276,8 +276,7 @@ def test_plot_writes_valid_pngs(run_dir, tmp_path, invoke):
 
 
 def test_plot_series(run_dir):
-    from gp_loss import plots
-
+    from gp_loss.runs import plots
     run = plots.load_run(run_dir, top=3)
     figs = plots.figures(run)
     assert len(run.refs) == 1 and len(run.top) == 3
@@ -318,7 +317,7 @@ def test_plot_series(run_dir):
 
 
 def test_population_median_replays_insert_and_age_out():
-    from gp_loss.plots import population_medians
+    from gp_loss.runs.plots import population_medians
 
     def row(i, phase, fit, birth=None, status="evaluated"):
         return {"id": i, "phase": phase, "fitness": fit, "birth": birth, "status": status}
@@ -336,8 +335,7 @@ def test_progress_legend_counts_the_population_the_search_logged(tmp_path, monke
     # and progress.png's legend says the same, not the configured population of 6
     import logging
 
-    from gp_loss import plots
-
+    from gp_loss.runs import plots
     class FailSome(FakeEvaluate):
         def __call__(self, expr, *args, **kwargs):
             res = super().__call__(expr, *args, **kwargs)
@@ -427,8 +425,7 @@ def test_the_readme_shows_the_current_show_headers(run_dir):
     ranking header and column line are what format_summary prints for those settings."""
     from pathlib import Path
 
-    from gp_loss import report
-
+    from gp_loss.runs import report
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     with _store(run_dir) as store:
         s = report.summary(store, 3)

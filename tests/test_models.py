@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gp_loss import models
-from gp_loss.models import ALIASES, MODELS, build_model
+from gp_loss.surrogate import models
+from gp_loss.surrogate.models import ALIASES, MODELS, build_model
 
 LIGHT = ["tiny", "tinycnn", "mlp", "resnet9v2"]
 # Grey 28x28 (MNIST-like) with 10 classes and colour 32x32 (CIFAR-like) with 100 classes.
@@ -144,7 +144,7 @@ def test_resnet9v2_eval_is_deterministic_and_seeded():
 
 
 def test_resnet9v2_trains_in_the_training_loop():
-    from gp_loss.train import train_candidate
+    from gp_loss.surrogate.train import train_candidate
 
     res = train_candidate(F.cross_entropy, {"dataset": "digits", "model": "resnet9v2",
                                             "steps": 6, "eval_every": 3, "prescreen_steps": 0},

@@ -1,7 +1,7 @@
 """Oracle tests (micrograd style): numpy reference == torch lowering == exported file.
 
 For every operation of both primitive sets a one-op tree is lowered by the printer
-(``codegen``) and compiled in-process, and the same entries are written by ``gp_loss.export``
+(``codegen``) and compiled in-process, and the same entries are written by ``gp_loss.lang.export``
 to a file under ``tmp_path`` and imported from there. Values and gradients are compared with
 the float64 numpy reference of ``primitives.py`` (gradients by central finite differences),
 first on the per-sample function over arbitrary inputs (including p near 0 and 1), then through
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from gp_loss import codegen, export
-from gp_loss.primitives import EPS
-from gp_loss.psets import load_pset
+from gp_loss.lang import codegen
+
+from gp_loss.lang import export
+from gp_loss.lang.ops import EPS
+from gp_loss.lang.psets import load_pset
 
 PSETS = ("paper", "typed")
 C_OPS = 5          # classes for elementwise ops and reductions
@@ -169,7 +171,7 @@ def _np_softmax(z):
 
 def _np_full(ref_text, pset):
     """numpy batch loss of an expression from the op table (independent of the printer)."""
-    from gp_loss.trees import parse, var_name
+    from gp_loss.lang.trees import parse, var_name
     from deap import gp
     tree = parse(ref_text, pset)
 

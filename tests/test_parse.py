@@ -9,8 +9,8 @@ import pytest
 from deap import gp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gp_loss.psets import load_pset
-from gp_loss.trees import (MUTATIONS, MAX_TEXT, ParseError, mutate, parse, random_tree,
+from gp_loss.lang.psets import load_pset
+from gp_loss.lang.trees import (MUTATIONS, MAX_TEXT, ParseError, mutate, parse, random_tree,
                            to_text)
 
 PSETS = ("paper", "typed")

@@ -13,11 +13,13 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from gp_loss import protocol
-from gp_loss.cli import cli
+from gp_loss.protocol import compare as C
+from gp_loss.protocol import eliminate as E
+from gp_loss.protocol import jobs as J
+from gp_loss.cli.app import cli
 from gp_loss.config import config_to_dict, load_config
-from gp_loss.psets import load_pset
-from gp_loss.store import RunStore
+from gp_loss.lang.psets import load_pset
+from gp_loss.runs.store import RunStore
 
 TINY = ["--set", "surrogate.steps=30", "--set", "surrogate.prescreen_steps=0", "--device", "cpu"]
 
@@ -50,30 +52,30 @@ def test_welch_matches_hand_computation():
     t = (ma - mb) / math.sqrt(se2)
     df = se2 ** 2 / ((va / 3) ** 2 / 2 + (vb / 4) ** 2 / 3)
     p = 2 * stats.t.sf(abs(t), df)
-    assert protocol.welch_p(a, b) == pytest.approx(p, rel=1e-9)
-    assert protocol.welch_p(b, a) == pytest.approx(p, rel=1e-9)
+    assert C.welch_p(a, b) == pytest.approx(p, rel=1e-9)
+    assert C.welch_p(b, a) == pytest.approx(p, rel=1e-9)
 
 
 def test_welch_undefined_is_none():
-    assert protocol.welch_p([0.9], [0.8, 0.7]) is None  # fewer than 2 runs
-    assert protocol.welch_p([], []) is None
-    assert protocol.welch_p([0.9, 0.9], [0.8, 0.8]) is None  # both constant
-    assert protocol.welch_p([0.9, 0.9], [0.9, 0.9]) is None
-    assert protocol.welch_p([0.9, 0.9], [0.8, 0.7]) is not None  # one constant side is fine
+    assert C.welch_p([0.9], [0.8, 0.7]) is None  # fewer than 2 runs
+    assert C.welch_p([], []) is None
+    assert C.welch_p([0.9, 0.9], [0.8, 0.8]) is None  # both constant
+    assert C.welch_p([0.9, 0.9], [0.9, 0.9]) is None
+    assert C.welch_p([0.9, 0.9], [0.8, 0.7]) is not None  # one constant side is fine
 
 
 def test_holm_by_hand():
     # m = 3 defined: 0.01*3 = 0.03; 0.03*2 = 0.06; 0.04*1 = 0.04 -> raised to 0.06 (monotone)
-    assert protocol.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
-    assert protocol.holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
-    assert protocol.holm([]) == [] and protocol.holm([None]) == [None]
+    assert C.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert C.holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
+    assert C.holm([]) == [] and C.holm([None]) == [None]
 
 
 def test_wins_ties_losses_pairs_seeds_and_skips_failures():
     ok = lambda s, t: {"seed": s, "test_acc": t, "status": "ok"}
     base = [ok(0, 0.5), ok(1, 0.6), ok(2, 0.7), {"seed": 3, "test_acc": None, "status": "failed"}]
     runs = [ok(0, 0.55), ok(1, 0.6), ok(2, 0.65), ok(3, 0.9), ok(4, 0.9)]
-    assert protocol.wins_ties_losses(runs, base) == (1, 1, 1)
+    assert C.wins_ties_losses(runs, base) == (1, 1, 1)
 
 
 # ----------------------------------------------------------------------------- fake training
@@ -95,13 +97,13 @@ def fake_eval(expr, pset, sur, seed=0, sign=1, with_test=False):
 
 def _cells(**sets):
     cfg = load_config(None, [f"surrogate.{k}={v}" for k, v in sets.items()])
-    return protocol.plan_cells(cfg, ["digits"], [], [], "cpu", preflight=False)
+    return C.plan_cells(cfg, ["digits"], [], [], "cpu", preflight=False)
 
 
 def test_lr_selection_keeps_best_mean_validation_per_loss():
     ps = load_pset("paper")
-    losses = [protocol.make_loss("ce", ps, "ce"), protocol.make_loss("baikal", ps)]
-    res = protocol.compare(losses, _cells(), [0, 1], lrs=[2e-3, 1e-3], evaluate_fn=fake_eval)
+    losses = [C.make_loss("ce", ps, "ce"), C.make_loss("baikal", ps)]
+    res = C.compare(losses, _cells(), [0, 1], lrs=[2e-3, 1e-3], evaluate_fn=fake_eval)
     cell = res["cells"][0]["results"]
     assert cell["ce"]["lr"] == 2e-3 and cell["baikal"]["lr"] == 1e-3
     assert res["lrs"] == [2e-3, 1e-3] and res["runs_total"] == 2 * 2 * 2
@@ -114,15 +116,15 @@ def test_lr_selection_keeps_best_mean_validation_per_loss():
 
 def test_select_lr_ties_go_to_first_listed_and_failures_rank_last():
     ok = lambda v: {"status": "ok", "val_acc": v}
-    assert protocol.select_lr({0.1: [ok(0.5)], 0.2: [ok(0.5)]}) == 0.1
-    assert protocol.select_lr({0.1: [{"status": "failed", "val_acc": None}], 0.2: [ok(0.1)]}) == 0.2
+    assert C.select_lr({0.1: [ok(0.5)], 0.2: [ok(0.5)]}) == 0.1
+    assert C.select_lr({0.1: [{"status": "failed", "val_acc": None}], 0.2: [ok(0.1)]}) == 0.2
 
 
 def test_failed_runs_are_reported_and_excluded():
     ps = load_pset("paper")
-    losses = [protocol.make_loss("ce", ps, "ce"), protocol.make_loss("focal", ps)]
+    losses = [C.make_loss("ce", ps, "ce"), C.make_loss("focal", ps)]
     assert "square" in losses[1].expr
-    res = protocol.compare(losses, _cells(), [0, 1, 2], evaluate_fn=fake_eval)
+    res = C.compare(losses, _cells(), [0, 1, 2], evaluate_fn=fake_eval)
     e = res["cells"][0]["results"]["focal"]
     assert e["n_ok"] == 2 and e["n_failed"] == 1 and res["failed_runs"] == 1
     assert [r["reason"] for r in e["runs"]] == [None, "nan_loss", None]
@@ -133,7 +135,7 @@ def test_failed_runs_are_reported_and_excluded():
 # ----------------------------------------------------------------------------- compare CLI
 
 def test_compare_digits_two_losses_two_seeds(run, tmp_path):
-    from gp_loss.cli_protocol import format_compare
+    from gp_loss.cli.protocol import format_compare
     md = tmp_path / "table.md"
     r = run("compare", "--loss", "ce", "--loss", "baikal", "--dataset", "digits", "--model", "tiny",
             "--seeds", 2, "--json", "--markdown", md, *TINY)
@@ -153,7 +155,7 @@ def test_compare_digits_two_losses_two_seeds(run, tmp_path):
         assert e["test_acc_std"] == pytest.approx(abs(tests[0] - tests[1]) / math.sqrt(2))
     b, c = cell["results"]["baikal"], cell["results"]["ce"]
     assert c["p_value"] is None and c["wins"] is None
-    expect = protocol.welch_p([x["test_acc"] for x in b["runs"]], [x["test_acc"] for x in c["runs"]])
+    expect = C.welch_p([x["test_acc"] for x in b["runs"]], [x["test_acc"] for x in c["runs"]])
     assert b["p_value"] == expect and b["p_value_holm"] == expect  # one comparison: Holm = p
     assert b["wins"] + b["ties"] + b["losses"] == 2
     text = format_compare(res)
@@ -184,7 +186,7 @@ def test_compare_explicit_cells(run):
     # both cells are in one Holm correction
     ps = [c["results"]["baikal"]["p_value"] for c in cells]
     if None not in ps:
-        assert [c["results"]["baikal"]["p_value_holm"] for c in cells] == protocol.holm(ps)
+        assert [c["results"]["baikal"]["p_value_holm"] for c in cells] == C.holm(ps)
 
 
 @pytest.mark.parametrize("args", [
@@ -227,24 +229,24 @@ def _store(path, steps=30):
 
 def test_rounds_defaults_and_validation():
     sur = {"steps": 100, "model": "tinycnn", "seed": 0}
-    r = protocol.resolve_rounds(None, sur)
+    r = E.resolve_rounds(None, sur)
     assert [(x.size, x.keep, x.steps) for x in r] == [(25, 12, 100), (12, 6, 200), (6, 4, 300),
                                                        (4, 4, 400)]
     assert {x.model for x in r} == {"tiny"}  # the old name "tinycnn" is the current one
-    assert protocol.resolve_rounds({"keep": [2], "model": "tinycnn"}, sur)[0].model == "tiny"
-    r = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1, 3], "model": "mlp"}, sur)
+    assert E.resolve_rounds({"keep": [2], "model": "tinycnn"}, sur)[0].model == "tiny"
+    r = E.resolve_rounds({"keep": [4, 2], "seeds": [1, 3], "model": "mlp"}, sur)
     assert [(x.steps, x.model, x.seeds) for x in r] == [(100, "mlp", (0,)), (200, "mlp", (0, 1, 2))]
     for bad in ({"keep": [2, 4]}, {"keep": []}, {"keep": [3, 2], "steps": [1, 2, 3]},
                 {"nope": 1}, {"keep": [2, 1], "seeds": [0]}):
-        with pytest.raises(protocol.InputError):
-            protocol.resolve_rounds(bad, sur)
+        with pytest.raises(J.InputError):
+            E.resolve_rounds(bad, sur)
 
 
 def test_eliminate_rounds_scores_and_idempotent(tmp_path):
     store, ids, sur = _store(tmp_path / "run")
-    rounds = protocol.resolve_rounds({"keep": [4, 2, 1], "seeds": [1, 2, 1]}, sur)
+    rounds = E.resolve_rounds({"keep": [4, 2, 1], "seeds": [1, 2, 1]}, sur)
     CALLS.clear()
-    res = protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    res = E.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
     # entrants: best 4 distinct search candidates (reference and duplicate key left out)
     assert [m["id"] for m in sorted(res["rounds"][0]["members"], key=lambda m: m["id"])] == \
         sorted([ids[1], ids[4], ids[2], ids[3]])
@@ -259,10 +261,10 @@ def test_eliminate_rounds_scores_and_idempotent(tmp_path):
     row = store.candidates(phase="elim2")[0]
     assert row["parent_id"] in ids and row["key"].startswith("k") and row["status"] == "evaluated"
     CALLS.clear()
-    again = protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    again = E.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
     assert CALLS == [] and again["rounds"] == res["rounds"] and again["trained_now"] == 0
-    with pytest.raises(protocol.InputError):  # other settings on the same run are refused
-        protocol.eliminate(store, protocol.resolve_rounds({"keep": [3, 1]}, sur), sur,
+    with pytest.raises(J.InputError):  # other settings on the same run are refused
+        E.eliminate(store, E.resolve_rounds({"keep": [3, 1]}, sur), sur,
                            evaluate_fn=fake_eval)
     store.close()
 
@@ -270,7 +272,7 @@ def test_eliminate_rounds_scores_and_idempotent(tmp_path):
 def test_eliminate_ties_are_deterministic(tmp_path):
     store, ids, sur = _store(tmp_path / "run")
     flat = lambda *a, **k: {"status": "ok", "val_acc": 0.5, "test_acc": None, "seconds": 0.0}
-    res = protocol.eliminate(store, protocol.resolve_rounds({"keep": [3, 2]}, sur), sur,
+    res = E.eliminate(store, E.resolve_rounds({"keep": [3, 2]}, sur), sur,
                              evaluate_fn=flat)
     # equal scores: the better search fitness first (0.9 > 0.8 > 0.7)
     assert [m["id"] for m in res["rounds"][0]["members"]] == [ids[1], ids[4], ids[2]]
@@ -289,19 +291,19 @@ class _Interrupt:
 
 
 def test_eliminate_cli_resumes_after_interruption(run, tmp_path, monkeypatch):
-    import gp_loss.fitness
+    import gp_loss.surrogate.fitness
     store, ids, sur = _store(tmp_path / "run")
     store.close()
     args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]", "--json"]
     CALLS.clear()
-    monkeypatch.setattr(gp_loss.fitness, "evaluate", _Interrupt(after=5))
+    monkeypatch.setattr(gp_loss.surrogate.fitness, "evaluate", _Interrupt(after=5))
     r = run(*args)
     assert r.exit_code == 130 and "gp-loss eliminate" in r.stderr
     with RunStore.open(tmp_path / "run", readonly=True) as s:
         assert s.counts(phase="elim1")["evaluated"] == 4
         assert s.counts(phase="elim2") == {**s.counts(phase="elim2"), "evaluated": 1, "pending": 1}
     done_before = list(CALLS)
-    monkeypatch.setattr(gp_loss.fitness, "evaluate", fake_eval)
+    monkeypatch.setattr(gp_loss.surrogate.fitness, "evaluate", fake_eval)
     r = run(*args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
@@ -354,7 +356,7 @@ def test_two_stage_training_changes_size_dropout_and_differs(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from gp_loss import train
+    from gp_loss.surrogate import train
     seen = []
     real = train._accuracy
 
@@ -399,7 +401,7 @@ def test_two_stage_training_changes_size_dropout_and_differs(monkeypatch):
 def test_bad_stages_are_a_clear_value_error(stages, match):
     import torch.nn.functional as F
 
-    from gp_loss.train import train_candidate
+    from gp_loss.surrogate.train import train_candidate
     with pytest.raises(ValueError, match=match):
         train_candidate(F.cross_entropy, {"stages": stages})
 
@@ -408,18 +410,18 @@ def test_rounds_with_stages():
     sur = {"steps": 100, "model": "tinycnn", "seed": 0}
     st = [{"steps": 10, "image_size": 8}, {"steps": 20, "dropout": 0.2},
           {"steps": 30, "randaugment_magnitude": 8}]
-    r = protocol.resolve_rounds({"keep": [3, 2], "stages": st, "seeds": [1, 2]}, sur)
+    r = E.resolve_rounds({"keep": [3, 2], "stages": st, "seeds": [1, 2]}, sur)
     assert [(x.steps, len(x.stages), x.seeds) for x in r] == [(10, 1, (0,)), (30, 2, (0, 1))]
     assert r[1].stages == ({"steps": 10, "image_size": 8}, {"steps": 20, "dropout": 0.2})
-    assert protocol.resolve_rounds({"keep": [3], "stages": []}, sur)[0].stages == ()
+    assert E.resolve_rounds({"keep": [3], "stages": []}, sur)[0].stages == ()
     for bad, key in [({"keep": [3, 2, 1], "stages": st[:2]}, "eliminate.stages"),
                      ({"keep": [3, 2], "stages": st, "steps": [5, 6]}, "eliminate.steps"),
                      ({"keep": [3, 2], "stages": st, "steps_factor": 2}, "steps_factor"),
                      ({"keep": [2], "stages": [{"steps": 0}]}, r"eliminate.stages\[0\].steps"),
                      ({"keep": [2], "stages": [{"size": 8, "steps": 1}]}, "eliminate.stages"),
                      ({"keep": [2], "stages": {"steps": 1}}, "eliminate.stages")]:
-        with pytest.raises(protocol.InputError, match=key):
-            protocol.resolve_rounds(bad, sur)
+        with pytest.raises(J.InputError, match=key):
+            E.resolve_rounds(bad, sur)
 
 
 def test_paper_eliminate_toml_is_the_papers_protocol():
@@ -430,7 +432,7 @@ def test_paper_eliminate_toml_is_the_papers_protocol():
     assert set(data) == {"eliminate", "surrogate"}
     paper = load_config("paper")
     sur = {**asdict(paper.surrogate), **data["surrogate"]}
-    rounds = protocol.resolve_rounds(data["eliminate"], sur)
+    rounds = E.resolve_rounds(data["eliminate"], sur)
     assert [(r.size, r.keep, r.steps, r.model) for r in rounds] == [
         (25, 12, 16000, "efficientnet_v2_s"), (12, 6, 32000, "efficientnet_v2_s"),
         (6, 4, 48000, "efficientnet_v2_s"), (4, 4, 64000, "efficientnet_v2_s")]
@@ -455,20 +457,20 @@ def test_eliminate_with_stages_resumes(tmp_path):
     store, ids, sur = _store(tmp_path / "run")
     table = {"keep": [3, 2], "stages": [{"steps": 10, "image_size": 8},
                                         {"steps": 15, "image_size": 12, "dropout": 0.2}]}
-    rounds = protocol.resolve_rounds(table, sur)
+    rounds = E.resolve_rounds(table, sur)
     STAGE_CALLS.clear()
     stop = _Interrupt(after=4)
     with pytest.raises(KeyboardInterrupt):
-        protocol.eliminate(store, rounds, sur, evaluate_fn=lambda *a, **k: (
+        E.eliminate(store, rounds, sur, evaluate_fn=lambda *a, **k: (
             stop(*a, **k), _stage_eval(*a, **k))[1])
     assert store.counts(phase="elim1")["evaluated"] == 3
     saved = store.meta()["eliminate"]["rounds"]
     assert [len(r["stages"]) for r in saved] == [1, 2]  # the stages are part of the plan
     # other stages on the same run are refused
-    other = protocol.resolve_rounds({**table, "stages": [{"steps": 10}, {"steps": 15}]}, sur)
-    with pytest.raises(protocol.InputError, match="other settings"):
-        protocol.eliminate(store, other, sur, evaluate_fn=_stage_eval)
-    res = protocol.eliminate(store, rounds, sur, evaluate_fn=_stage_eval)
+    other = E.resolve_rounds({**table, "stages": [{"steps": 10}, {"steps": 15}]}, sur)
+    with pytest.raises(J.InputError, match="other settings"):
+        E.eliminate(store, other, sur, evaluate_fn=_stage_eval)
+    res = E.eliminate(store, rounds, sur, evaluate_fn=_stage_eval)
     # the interrupted 5th run (round 2, 2nd entrant) is the only one trained again
     assert res["trained_now"] == 1 and [r["steps"] for r in res["rounds"]] == [10, 25]
     assert [c[1:3] for c in STAGE_CALLS] == [(10, [10])] * 3 + [(25, [10, 15])] * 2
@@ -500,7 +502,7 @@ def test_eliminate_real_training_with_stages_config_file(run, tmp_path):
 # ----------------------------------------------------------------------------- show: elimination
 
 def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
-    import gp_loss.fitness
+    import gp_loss.surrogate.fitness
     store, ids, sur = _store(tmp_path / "run")
     store.close()
     r = run("show", tmp_path / "run", "--json")
@@ -508,7 +510,7 @@ def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
     assert "Elimination" not in run("show", tmp_path / "run").stdout
     args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]", "--set",
             "eliminate.seeds=[1,2]"]
-    monkeypatch.setattr(gp_loss.fitness, "evaluate", _Interrupt(after=5))
+    monkeypatch.setattr(gp_loss.surrogate.fitness, "evaluate", _Interrupt(after=5))
     assert run(*args).exit_code == 130  # round 1 done, round 2: 1 of 4 runs
     s = json.loads(run("show", tmp_path / "run", "--json").stdout)
     r1, r2 = s["elimination"]
@@ -516,7 +518,7 @@ def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
     assert (r2["runs_done"], r2["runs_total"]) == (1, 4)
     text = run("show", tmp_path / "run").stdout
     assert "round 2 (elim2)" in text and "pending: 1 of 4 runs done" in text
-    monkeypatch.setattr(gp_loss.fitness, "evaluate", fake_eval)
+    monkeypatch.setattr(gp_loss.surrogate.fitness, "evaluate", fake_eval)
     done = json.loads(run(*args, "--json").stdout)
     s = json.loads(run("show", tmp_path / "run", "--json").stdout)
     assert {"top", "counts", "seconds", "reference", "state", "config"} < set(s)
@@ -538,7 +540,7 @@ def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
 
 
 def test_builtin_elimination_settings_resolve_by_name():
-    from gp_loss.cli_protocol import _elim_settings
+    from gp_loss.cli.protocol import _elim_settings
     from gp_loss.config import builtin_config_names
 
     assert "paper_eliminate" in builtin_config_names("eliminate")
@@ -550,23 +552,24 @@ def test_builtin_elimination_settings_resolve_by_name():
 
 def test_from_run_ranks_by_a_finished_elimination(tmp_path):
     store, ids, sur = _store(tmp_path / "run")
-    by_search = [l.expr for l in protocol.run_losses(tmp_path / "run", 3)]
+    by_search = [l.expr for l in C.run_losses(tmp_path / "run", 3)]
     assert by_search == [EXPRS[1], EXPRS[4], EXPRS[2]]  # search fitness 0.9, 0.8, 0.7
-    rounds = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1]}, sur)
-    res = protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    rounds = E.resolve_rounds({"keep": [4, 2], "seeds": [1]}, sur)
+    res = E.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
     store.close()
-    losses = protocol.run_losses(tmp_path / "run", 3)
+    losses = C.run_losses(tmp_path / "run", 3)
     assert [l.expr for l in losses] == [m["expr"] for m in res["finalists"]]
     assert [l.name for l in losses] == ["rank1", "rank2"][:len(losses)]
     assert all("(elimination)" in l.source for l in losses)
     # export and plot rank the same way
-    from gp_loss import export, plots
-
-    assert [e["expr"] for e in export.run_entries(tmp_path / "run", 3)] == \
+    from gp_loss.lang import export
+    from gp_loss.runs import export as run_export
+    from gp_loss.runs import plots
+    assert [e["expr"] for e in run_export.run_entries(tmp_path / "run", 3)] == \
         [l.expr for l in losses]
-    from gp_loss.export import _run_lines
+    from gp_loss.lang.export import run_lines
 
-    lines = _run_lines(export.run_entries(tmp_path / "run", 3))
+    lines = run_lines(run_export.run_entries(tmp_path / "run", 3))
     assert any("Ranked by the run's finished elimination" in line for line in lines)
     assert any("elimination score" in line for line in lines)
     assert [r["expr"] for r in plots.load_run(tmp_path / "run", 3).top] == \
@@ -577,8 +580,8 @@ def test_show_leads_with_the_ranking_export_and_compare_use(run, tmp_path):
     """Once an elimination finished, show's first table is its final ranking (the order of
     export RUN_DIR and compare --from-run, with the scores); --json keeps top in search order
     and adds finalists. Each table says what it is ranked by."""
-    from gp_loss import export
-
+    from gp_loss.lang import export
+    from gp_loss.runs import export as run_export
     store, ids, sur = _store(tmp_path / "run")
     store.close()
     s = json.loads(run("show", tmp_path / "run", "--json").stdout)
@@ -586,12 +589,12 @@ def test_show_leads_with_the_ranking_export_and_compare_use(run, tmp_path):
     text = run("show", tmp_path / "run").stdout
     assert "ranked by search fitness" in text and "ranked by elimination" not in text
     store = RunStore.open(tmp_path / "run")
-    rounds = protocol.resolve_rounds({"keep": [4, 2], "seeds": [1]}, sur)
-    protocol.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
+    rounds = E.resolve_rounds({"keep": [4, 2], "seeds": [1]}, sur)
+    E.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
     store.close()
     s = json.loads(run("show", tmp_path / "run", "--json").stdout)
-    exported = export.run_entries(tmp_path / "run", 5)
-    losses = protocol.run_losses(tmp_path / "run", 5)
+    exported = run_export.run_entries(tmp_path / "run", 5)
+    losses = C.run_losses(tmp_path / "run", 5)
     assert [f["id"] for f in s["finalists"]] == [e["candidate_id"] for e in exported]
     assert [f["expr"] for f in s["finalists"]] == [l.expr for l in losses]
     assert [f["score"] for f in s["finalists"]] == [e["elimination_score"] for e in exported]

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import gp_loss.evolution as evo
-from gp_loss.cli import cli
+import gp_loss.search.evolution as evo
+from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides
-from gp_loss.store import RunStore
+from gp_loss.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("phase", "birth", "expr", "status", "reason", "fitness", "sign", "parent_id")
@@ -134,8 +134,7 @@ def test_an_old_run_whose_config_says_tinycnn_resumes_as_tiny(tmp_path, monkeypa
         assert old["surrogate"]["model"] == "tiny"
         old["surrogate"]["model"] = "tinycnn"
         store.set_meta("config", old)
-        from gp_loss import report
-
+        from gp_loss.runs import report
         assert report.summary(store, 0, formulas=False)["config"]["model"] == "tiny"  # show
     monkeypatch.setattr(evo, "evaluate", InterruptingEvaluate())
     res = CliRunner().invoke(cli, ["-q", "resume", str(run_dir), "--set", "search.children=16"],

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gp_loss import screen
-from gp_loss.trees import parse
+from gp_loss.screen import integrity as screen
+from gp_loss.screen import novelty
+from gp_loss.lang.trees import parse
 
 EQUIVALENCE_SET = Path(__file__).with_name("equivalence_set.toml")
 
@@ -225,7 +226,7 @@ def test_equivalence_set_labels_hold():
 # ----------------------------------------------------------------------------- novelty index
 
 def test_novelty_index_add_find_remove():
-    idx = screen.NoveltyIndex()
+    idx = novelty.NoveltyIndex()
     fps = {name: screen.screen(name).fingerprint for name in ("ce", "baikal", "focal", "mse")}
     for cid, (name, fp) in enumerate(fps.items()):
         idx.add(cid, f"key-{name}", fp)
@@ -267,7 +268,7 @@ def test_novelty_index_many_entries_agrees_with_pairwise_test():
         one_row = g.copy()
         one_row[pr.row_of == 5] *= 1.0001                          # one row off only
         probes.append(np.concatenate([one_row, s]))
-    idx = screen.NoveltyIndex()
+    idx = novelty.NoveltyIndex()
     for i, fp in enumerate(base[:50]):
         idx.add(i, None, fp)
     for fp in probes:
@@ -288,14 +289,14 @@ def test_novelty_index_many_entries_agrees_with_pairwise_test():
 
 def test_phenotype_and_near_duplicate():
     ce = screen.integrity(CE)
-    ph = screen.phenotype(ce.curve, ce.sign)
+    ph = novelty.phenotype(ce.curve, ce.sign)
     assert ph.min() == 0.0 and ph.max() == 1.0 and ph.shape == (1000,)
     flipped = screen.integrity("mul(y, log(p))")
-    np.testing.assert_allclose(screen.phenotype(flipped.curve, flipped.sign), ph, atol=1e-12)
-    assert screen.phenotype(screen.integrity("y").curve) is None
+    np.testing.assert_allclose(novelty.phenotype(flipped.curve, flipped.sign), ph, atol=1e-12)
+    assert novelty.phenotype(screen.integrity("y").curve) is None
     mse = screen.integrity("mse")
-    other = screen.phenotype(mse.curve, mse.sign)
-    assert screen.near_duplicate(ph, [None, other, ph], 0.01)
-    assert not screen.near_duplicate(ph, [other], 0.01)
-    assert screen.near_duplicate(ph, np.stack([other, ph]), 0.01)
-    assert not screen.near_duplicate(None, [ph], 0.01) and not screen.near_duplicate(ph, [], 0.01)
+    other = novelty.phenotype(mse.curve, mse.sign)
+    assert novelty.near_duplicate(ph, [None, other, ph], 0.01)
+    assert not novelty.near_duplicate(ph, [other], 0.01)
+    assert novelty.near_duplicate(ph, np.stack([other, ph]), 0.01)
+    assert not novelty.near_duplicate(None, [ph], 0.01) and not novelty.near_duplicate(ph, [], 0.01)

@@ -1,7 +1,7 @@
-"""The search engine (gp_loss.evolution + cli_run): loop semantics, one real tiny search, errors.
+"""The search engine (gp_loss.search.evolution + cli_run): loop semantics, one real tiny search, errors.
 
 Loop-semantics tests run in-process with the serial executor and a fake ``evaluate``
-(monkeypatched as ``gp_loss.evolution.evaluate``), so they are fast and exact; screening,
+(monkeypatched as ``gp_loss.search.evolution.evaluate``), so they are fast and exact; screening,
 canonical keys and mutations are the real ones. One end-to-end search trains for real through
 the CLI (in-process, ``CliRunner``) with a tiny budget. Kill-and-resume tests are in
 test_resume.py.
@@ -17,11 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import gp_loss.evolution as evo
-from gp_loss.cli import cli
+import gp_loss.search.evolution as evo
+from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides
-from gp_loss.store import RunStore
-from gp_loss.trees import parse
+from gp_loss.runs.store import RunStore
+from gp_loss.lang.trees import parse
 
 CHILD_DONE = ("evaluated", "reused", "failed")      # statuses that count as a child
 NOT_PROPOSALS = ("rejected", "duplicate", "near_duplicate")
@@ -299,8 +299,7 @@ def test_cheap_seeding_rescores_the_best_and_never_mixes_fitnesses(tmp_path, mon
     assert all(r["parent_id"] not in ids for r in first_children)
     assert store.get_state("phase") == "done"
     assert len([r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]) == 25
-    from gp_loss import report
-
+    from gp_loss.runs import report
     counts = report.summary(store, 3, formulas=False)["counts"]
     assert counts["seeding"]["evaluated"] + counts["seeding"]["failed"] == 12
     assert "seeding (cheap initial fitness): " in report.format_summary(
@@ -337,8 +336,7 @@ def test_reeval_seeds_give_long_lived_members_a_mean_fitness(tmp_path, monkeypat
     # every member that survived 3 births after its own was promoted, once
     assert len(parents) == len(set(parents))
     assert all(r["phase"] != "reeval" for r in store.top(50))
-    from gp_loss import report
-
+    from gp_loss.runs import report
     counts = report.summary(store, 3, formulas=False)["counts"]["reeval"]
     assert counts["evaluated"] + counts["failed"] == len(reeval) and counts["pending"] == 0
     check_accounting(store, cfg)
@@ -375,8 +373,7 @@ def test_fitness_ties_go_to_the_lower_validation_nll(tmp_path, monkeypatch):
     top = store.top(50)
     nlls = [r["result"].get("val_nll") for r in top]
     assert None not in nlls and nlls == sorted(nlls)
-    from gp_loss import report
-
+    from gp_loss.runs import report
     s = report.summary(store, 5, formulas=False)
     assert s["tie_break"] == "val_nll"
     assert [t["val_nll"] for t in s["top"]] == nlls[:5]
@@ -397,7 +394,7 @@ def test_fitness_ties_go_to_the_lower_validation_nll(tmp_path, monkeypatch):
 def test_tournament_ties_go_to_the_lower_validation_nll(tmp_path):
     import random
 
-    from gp_loss.evolution_start import Cand
+    from gp_loss.search.start import Cand
 
     cfg = make_cfg("search.tournament=40")
     store = evo.start_run(tmp_path / "run", cfg)
@@ -569,7 +566,7 @@ def test_store_errors_exit_2(runner, tmp_path):
 
 def test_config_warnings_are_logged_once_naming_the_keys(runner, tmp_path, monkeypatch):
     # valid settings that quietly change what the search does: warn once, at the start
-    import gp_loss.cli_run as cli_run
+    import gp_loss.cli.run as cli_run
 
     ran = []
     monkeypatch.setattr(cli_run, "_run_search", lambda *a, **k: ran.append(1))

@@ -1,11 +1,11 @@
-"""The SQLite run store (gp_loss.store): creation, refusal, error cases, transactions."""
+"""The SQLite run store (gp_loss.runs.store): creation, refusal, error cases, transactions."""
 
 import os
 import sqlite3
 
 import pytest
 
-from gp_loss.store import SCHEMA_VERSION, STATUSES, RunStore, StoreError, store_path
+from gp_loss.runs.store import SCHEMA_VERSION, STATUSES, RunStore, StoreError, store_path
 
 CONFIG = {"search": {"population": 3}, "surrogate": {"steps": 5}}
 
@@ -166,7 +166,7 @@ def test_one_writer_per_run_directory(tmp_path):
     with pytest.raises(StoreError, match="in use by another gp-loss process"):
         RunStore.open(run_dir)
     RunStore.open(run_dir, readonly=True).close()
-    code = ("import sys; from gp_loss.store import RunStore, StoreError\n"
+    code = ("import sys; from gp_loss.runs.store import RunStore, StoreError\n"
             "try:\n    RunStore.open(sys.argv[1])\nexcept StoreError as e:\n"
             "    print(e); sys.exit(7)\n")
     other = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True,
@@ -175,7 +175,7 @@ def test_one_writer_per_run_directory(tmp_path):
     writer.close()
     RunStore.open(run_dir).close()  # released on close
     # a writer killed with SIGKILL leaves no stale lock
-    hold = subprocess.Popen([sys.executable, "-c", "import sys, time; from gp_loss.store import "
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time; from gp_loss.runs.store import "
                              "RunStore; s = RunStore.open(sys.argv[1]); print('ok', flush=True);"
                              " time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert hold.stdout.readline().strip() == "ok"
@@ -189,7 +189,7 @@ def test_one_writer_per_run_directory(tmp_path):
 def test_top_breaks_fitness_ties_by_the_lower_validation_nll(store):
     """Ranking: fitness, then the lower ``val_nll`` of the result (store.TIE_BREAK), rows
     without one (stores written before it existed) after those with it, then the lower id."""
-    from gp_loss.store import RANK_SQL, TIE_BREAK, row_rank_key
+    from gp_loss.runs.store import RANK_SQL, TIE_BREAK, row_rank_key
 
     assert TIE_BREAK == "val_nll" and "json_extract" in RANK_SQL
     old = store.add_candidate("a", "evaluated", key="a", fitness=0.9)  # no result at all

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import sympy
 
-from gp_loss import symbolic as S
-from gp_loss.primitives import plog
-from gp_loss.psets import load_pset
-from gp_loss.trees import mutate, parse, random_tree, to_text
+from gp_loss.lang import formula as F
+from gp_loss.lang import symbolic as S
+from gp_loss.lang.ops import plog
+from gp_loss.lang.psets import load_pset
+from gp_loss.lang.trees import mutate, parse, random_tree, to_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = tomllib.loads((ROOT / "tests" / "equivalence_set.toml").read_text())["pair"]
@@ -69,7 +70,7 @@ def _probes():
 def _oriented_grad(text, pset, sign, probes):
     import torch
 
-    from gp_loss.codegen import compile_loss
+    from gp_loss.lang.codegen import compile_loss
     _loss, per_sample = compile_loss(parse(text, pset), pset, 1, "f")
     grads = []
     for z, t in probes:
@@ -108,7 +109,7 @@ def test_set_labels_hold_numerically(one_thread):
 
 
 def test_set_signs_match_integrity():
-    screen = pytest.importorskip("gp_loss.screen")
+    screen = pytest.importorskip("gp_loss.screen.integrity")
     for pair in PAIRS:
         pset = load_pset(pair.get("pset", "paper"))
         for side in ("a", "b"):
@@ -189,8 +190,8 @@ def test_key_deterministic_across_processes_and_hash_seeds():
     """The one subprocess test: keys and formulas under two PYTHONHASHSEEDs."""
     script = (
         "import json, random, sys\n"
-        "from gp_loss import symbolic as S\n"
-        "from gp_loss.trees import random_tree, parse\n"
+        "from gp_loss.lang import formula as F, symbolic as S\n"
+        "from gp_loss.lang.trees import random_tree, parse\n"
         "out = []\n"
         "for name, n in (('paper', 100), ('typed', 40)):\n"
         "    rng = random.Random(7)\n"
@@ -199,7 +200,7 @@ def test_key_deterministic_across_processes_and_hash_seeds():
         "        out.append(S.canonical_key(t, name, 1))\n"
         "        out.append(S.canonical_key(t, name, -1))\n"
         "for z in ('ce', 'baikal', 'focal', 'mse'):\n"
-        "    out.append(S.formula(parse(z), 'paper'))\n"
+        "    out.append(F.formula(parse(z), 'paper'))\n"
         "print(json.dumps(out))\n")
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -268,43 +269,43 @@ def test_bloated_trees_complete():
     for t in trees:
         for sign in (1, -1):
             assert S.canonical_key(t, pset, sign).startswith("paper:")
-        assert isinstance(S.formula(t, pset), str)
-        assert isinstance(S.latex(t, pset), str)
+        assert isinstance(F.formula(t, pset), str)
+        assert isinstance(F.latex(t, pset), str)
 
 
 # ----------------------------------------------------------------------------- display
 
 def test_zoo_formulas():
     """Protected ops show their eps where it changes the value on the domain (issue 12)."""
-    assert S.formula(parse("ce")) == "-y*log(p + 1e-07)"
-    assert S.formula(parse("baikal")) == "y/(p + 1e-07) - log(p + 1e-07)"
-    assert S.formula(parse("focal")) == "-y*(1 - p)**2*log(p + 1e-07)"
-    assert S.formula(parse("mse")) == "(-p + y)**2"
-    assert S.formula(parse("mul(exp(-1), mul(y, log(p)))")) == "0.367879*y*log(p + 1e-07)"
-    assert S.formula(parse("mul(0.1, mul(y, log(p)))")) == "y*log(p + 1e-07)/10"
-    assert S.formula(parse("mul(y, sigmoid(neg(p)))")) == "y*(1 - sigmoid(p))"
-    assert S.formula(parse("add(mul(y, log(p)), mul(y, log(p)))")) == "2*y*log(p + 1e-07)"
-    assert S.formula(parse("ce(y, p)", "typed"), "typed") == "ce(y, p)"
-    assert S.formula(parse("sum(mul(y, p))", "typed"), "typed") == "sum(p*y)"
+    assert F.formula(parse("ce")) == "-y*log(p + 1e-07)"
+    assert F.formula(parse("baikal")) == "y/(p + 1e-07) - log(p + 1e-07)"
+    assert F.formula(parse("focal")) == "-y*(1 - p)**2*log(p + 1e-07)"
+    assert F.formula(parse("mse")) == "(-p + y)**2"
+    assert F.formula(parse("mul(exp(-1), mul(y, log(p)))")) == "0.367879*y*log(p + 1e-07)"
+    assert F.formula(parse("mul(0.1, mul(y, log(p)))")) == "y*log(p + 1e-07)/10"
+    assert F.formula(parse("mul(y, sigmoid(neg(p)))")) == "y*(1 - sigmoid(p))"
+    assert F.formula(parse("add(mul(y, log(p)), mul(y, log(p)))")) == "2*y*log(p + 1e-07)"
+    assert F.formula(parse("ce(y, p)", "typed"), "typed") == "ce(y, p)"
+    assert F.formula(parse("sum(mul(y, p))", "typed"), "typed") == "sum(p*y)"
 
 
 def test_latex():
-    assert S.latex(parse("ce")) == r"- y \log{\left(p + 1 \cdot 10^{-7} \right)}"
-    assert S.latex(parse("baikal")) == \
+    assert F.latex(parse("ce")) == r"- y \log{\left(p + 1 \cdot 10^{-7} \right)}"
+    assert F.latex(parse("baikal")) == \
         r"\frac{y}{p + 1 \cdot 10^{-7}} - \log{\left(p + 1 \cdot 10^{-7} \right)}"
-    assert r"\left|" in S.latex(parse("mul(y, abs(sub(p, y)))"))
-    assert S.latex(parse("sum(p)", "typed"), "typed") == r"\sum_{c} \left(p\right)"
+    assert r"\left|" in F.latex(parse("mul(y, abs(sub(p, y)))"))
+    assert F.latex(parse("sum(p)", "typed"), "typed") == r"\sum_{c} \left(p\right)"
     for zoo in ("focal", "mse"):
-        text = S.latex(parse(zoo))
+        text = F.latex(parse(zoo))
         assert text.count("{") == text.count("}")
 
 
 def test_formula_off_the_main_thread_is_the_same_text():
-    from gp_loss import formula as fmt
-    want = S.formula(parse("focal"))
+    from gp_loss.lang import formula as fmt
+    want = F.formula(parse("focal"))
     fmt._SHOWN.clear()
     out = []
-    worker = threading.Thread(target=lambda: out.append(S.formula(parse("focal"))))
+    worker = threading.Thread(target=lambda: out.append(F.formula(parse("focal"))))
     worker.start()
     worker.join()
     assert out == [want]
@@ -329,6 +330,5 @@ def test_to_sympy_modes():
 ])
 def test_a_product_below_the_bar_is_parenthesized(expr, shown):
     """The display formula must read as the loss: p/(y*exp(y)), never p/y*exp(y)."""
-    from gp_loss import formula as fmt
-
+    from gp_loss.lang import formula as fmt
     assert str(fmt.formula(parse(expr, "paper"), "paper")) == shown

@@ -1,4 +1,4 @@
-"""Data splits, surrogate models and the training loop (gp_loss.data / models / train).
+"""Data splits, surrogate models and the training loop (gp_loss.surrogate.data / models / train).
 
 Trainings here are short (tens to a few hundred steps of the tiny CNN on digits), so the whole
 file runs in seconds on 2 CPU cores. No timing assertions.
@@ -11,8 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gp_loss import data, models, train
-from gp_loss.train import SURROGATE_DEFAULTS, lr_schedule, train_candidate
+from gp_loss.surrogate import data
+
+from gp_loss.surrogate import models
+
+from gp_loss.surrogate import train
+from gp_loss.surrogate.train import SURROGATE_DEFAULTS, lr_schedule, train_candidate
 
 SHORT = {"steps": 60, "prescreen_steps": 0}
 

@@ -24,7 +24,7 @@ import sympy
 from scipy import special as sps
 
 from .algebra import _nonneg, kabs, kI0, kI1, kmax, kmin, ksig
-from .primitives import EPS, REDUCTIONS, plog, precip
+from .ops import EPS, REDUCTIONS, plog, precip
 
 RTOL = 1e-6          # what a shown formula promises (relative; see ``agree``)
 DECIDE_RTOL = 2e-7   # a plain form is chosen only with this margin, so RTOL holds everywhere

@@ -35,7 +35,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable
 
-from gp_loss.config import EXECUTOR_KINDS, ConfigError
+from ..config import EXECUTOR_KINDS, ConfigError
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _MAX_START_FAILURES = 3  # workers dying before they are ready, in a row, before giving up
@@ -412,7 +412,7 @@ def make_executor(kind: str = "serial", workers: int = 1, threads: int = 1, *, r
     if kind == "process":
         return ProcessExecutor(workers, threads, retries=retries, timeout_s=timeout_s)
     if kind == "ray":
-        from gp_loss.executor_ray import RayExecutor  # imports ray, or says how to install it
+        from .ray_backend import RayExecutor  # imports ray, or says how to install it
 
         return RayExecutor(workers, threads, retries=retries, address=address,
                            gpus_per_eval=gpus_per_eval)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MODEL_ALIASES
+from ..config import MODEL_ALIASES
 
 __all__ = ["MODELS", "ALIASES", "build_model", "ResNet9V2"]
 

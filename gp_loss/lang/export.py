@@ -7,16 +7,17 @@ entry. ``per_class`` is ``formula.per_class`` with the entry's sign applied (the
 minimised: T(p_t) + sum over c != t of O(p_c)), or None with ``per_class_reason``:
 
 * ``expr_entries`` -- expressions typed by a user (``gp-loss export --expr baikal``);
-* ``run_entries``  -- the best candidates of a run store (``gp-loss export RUN_DIR --top K``),
-  named ``rank1`` ... ``rankK`` in rank order, with the run (folder, creation time) and each
-  candidate's id and fitness recorded (comments; ``run`` in JSON).
+* ``runs.export.run_entries`` -- the best candidates of a run store (``gp-loss export RUN_DIR
+  --top K``), named ``rank1`` ... ``rankK`` in rank order, with the run (folder, creation
+  time) and each candidate's id and fitness recorded (comments; ``run`` in JSON).
 
 The ``python`` format is exactly the text of ``codegen.module_source`` -- the printer that
 training compiles -- so what trains is what exports (a run's export adds comment lines only);
 it imports only ``torch`` and ``math`` and carries the simplified formula
-(``symbolic.formula``) and the per-class form in each docstring; ``latex`` shows the per-class
+(``formula.formula``) and the per-class form in each docstring; ``latex`` shows the per-class
 form under each formula, ``json`` carries ``per_class`` and ``per_class_reason``. Fed by ``trees``
-(parsed trees), ``codegen``, ``symbolic``, ``screen`` (the sign) and ``store`` (runs).
+(parsed trees), ``codegen``, ``formula`` and ``screen`` (the sign); a run's entries come from
+``runs/export.py``.
 """
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ import json
 import os
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 from deap import gp
 
-from . import InputError, __version__
+from .. import InputError, __version__
 from . import codegen
 from .psets import load_pset
 from .trees import parse, to_text, var_name
@@ -83,11 +83,11 @@ def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) 
         raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
     name = check_name(default_name(expr, pset) if name is None else name)
     if sign is None:
-        from . import sign_of
+        from .. import sign_of
         sign = sign_of(tree, pset)
     if formula is None:
-        from . import symbolic
-        formula = symbolic.formula(tree, pset)
+        from . import formula as formula_mod
+        formula = formula_mod.formula(tree, pset)
     sign = check_sign(sign)
     form, reason = per_class_of(tree, pset, sign)
     return {"name": name, "tree": tree, "pset": pset, "sign": sign,
@@ -115,33 +115,7 @@ def expr_entries(exprs, pset="paper", names=None) -> list:
     return [make_entry(e, pset, name=n) for e, n in zip(exprs, names)]
 
 
-def run_entries(run_dir, top: int = 5) -> list:
-    """The ``top`` best distinct candidates of a run store, as entries ``rank1`` ... ``rankK``
-    (with ``fitness``). Read-only; the expressions are re-parsed with our parser."""
-    from .store import RunStore
-    if top < 1:
-        raise InputError("--top must be at least 1")
-    with RunStore.open(run_dir, readonly=True) as store:
-        cfg = store.config()
-        pset_name = (cfg.get("search") or {}).get("pset", "paper")
-        rows = store.best(top)
-        sur = cfg.get("surrogate") or {}
-        run = {"dir": str(Path(run_dir).resolve()), "created": store.meta().get("created"),
-               "surrogate": f"{sur.get('dataset')} / {sur.get('model')}, "
-                            f"{sur.get('steps')} steps"}
-    if not rows:
-        raise InputError(f"{run_dir}: the run has no evaluated candidates yet")
-    pset = load_pset(pset_name)
-    return [make_entry(row["expr"], pset, name=f"rank{i}",
-                       sign=row["sign"] if row.get("sign") in (1, -1) else 1,
-                       formula=row.get("formula") or None,
-                       fitness=row.get("fitness"), candidate_id=row.get("id"), run=run,
-                       seeds=len((row.get("result") or {}).get("seed_fitness") or []) or 1,
-                       elimination_score=row.get("elimination_score"))
-            for i, row in enumerate(rows, 1)]
-
-
-def _run_lines(entries) -> list:
+def run_lines(entries) -> list:
     """Lines recording the run that entries come from (none for --expr entries), for the
     comments or docstring of each format; one physical line each, whatever the path holds."""
     run = next((e["run"] for e in entries if e.get("run")), None)
@@ -180,7 +154,7 @@ def render(entries, fmt: str = "python") -> str:
 
 def _python(entries) -> str:
     text = str(codegen.module_source(entries))
-    notes = _run_lines(entries)
+    notes = run_lines(entries)
     if notes:  # comments only, after the header docstring: the code is the printer's
         head, sep, rest = text.partition("\nimport math\n")
         text = head + "\n" + "".join(f"# {line}\n" for line in notes) + sep + rest
@@ -188,11 +162,12 @@ def _python(entries) -> str:
 
 
 def _json(entries) -> str:
+    from . import formula as formula_mod
     from . import symbolic
     losses = []
     for e in entries:
         item = {"name": e["name"], "expr": e["expr"], "pset": e["pset"].name, "sign": e["sign"],
-                "formula": e["formula"], "latex": symbolic.latex(e["tree"], e["pset"]),
+                "formula": e["formula"], "latex": formula_mod.latex(e["tree"], e["pset"]),
                 "key": symbolic.canonical_key(e["tree"], e["pset"], sign=e["sign"]),
                 "per_class": e.get("per_class"), "per_class_reason": e.get("per_class_reason")}
         for extra in ("fitness", "candidate_id"):
@@ -207,17 +182,17 @@ def _json(entries) -> str:
 
 
 def _latex(entries) -> str:
-    from . import symbolic
+    from . import formula as formula_mod
     lines = [f"% Losses exported by gp-loss {__version__}. y: one-hot target, p: softmax of the "
              "logits; log and 1/x are protected with eps = 1e-7.",
              "% Batch loss: mean over the batch of the per-sample loss below."]
     if any(e.get("per_class") for e in entries):
         lines.append("% Per class (sign applied: the loss minimised), a sample of true class t "
                      "costs T(p_t) + sum over the other classes c of O(p_c).")
-    lines += [f"% {line}" for line in _run_lines(entries)] + [r"\begin{align}"]
+    lines += [f"% {line}" for line in run_lines(entries)] + [r"\begin{align}"]
     rows = []   # (row, trailing comment)
     for e in entries:
-        body = symbolic.latex(e["tree"], e["pset"])
+        body = formula_mod.latex(e["tree"], e["pset"])
         sign = "-" if e["sign"] == -1 else ""
         total = rf"\sum_{{c}} \left[ {body} \right]" if e["pset"].class_sum else body
         name = e["name"].replace("_", r"\_")
@@ -243,7 +218,7 @@ def _latex(entries) -> str:
 def _sympy_expr(tree, pset, symbols):
     """The exact SymPy form of ``tree`` with eps explicit (protected ops spelled out)."""
     import sympy
-    from .primitives import plog, precip
+    from .ops import plog, precip
     eps = symbols["eps"]
     stack = []
     for node in reversed(tree):
@@ -273,7 +248,7 @@ def _sympy(entries) -> str:
            "left as opaque functions over the class axis). Batch loss: SIGN * batch mean.",
            "eps is symbolic here; gp-loss uses eps = 1e-7 (EPS_VALUE).",
            '"""',
-           *(f"# {line}" for line in _run_lines(entries)),
+           *(f"# {line}" for line in run_lines(entries)),
            "from sympy import *  # noqa: F401,F403 - the expressions below use SymPy's names",
            "",
            'y, p = symbols("y p", real=True)',
@@ -324,7 +299,7 @@ def export_exprs(exprs, path, pset="paper", names=None, fmt: str = "python") -> 
     """Write one or several expressions to ``path`` ('-' = stdout) as a ``python`` module (the
     printer's source), ``latex``, ``sympy`` or ``json``. ``exprs``: one expression or a list;
     ``names``: default the zoo name, else ``loss`` (``loss1``, ``loss2``... for several).
-    Returns the entries written. Also reachable as ``gp_loss.export(exprs, path, ...)``."""
+    Returns the entries written (the API's ``gp_loss.export(exprs, path, ...)``)."""
     if isinstance(exprs, (str, gp.PrimitiveTree)):
         exprs = [exprs]
     if isinstance(names, str):
@@ -335,13 +310,3 @@ def export_exprs(exprs, path, pset="paper", names=None, fmt: str = "python") -> 
     entries = expr_entries(exprs, pset, None if names is None else list(names))
     write(entries, path, fmt)
     return entries
-
-
-class _CallableModule(types.ModuleType):
-    """``gp_loss.export`` is both this module and the API call ``gp_loss.export(exprs, path)``."""
-
-    def __call__(self, *args, **kwargs):
-        return export_exprs(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -43,13 +43,13 @@ import time
 from dataclasses import asdict
 
 from .cache import FitnessCache, default_path, settings_digest
-from .config import Config, config_to_dict
-from .evolution_start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
-from .executors import make_executor, wait_first
-from .fitness import evaluate
-from .psets import load_pset
-from .store import rank_key, tie_value
-from .trees import mutate, parse, to_text
+from ..config import Config, config_to_dict
+from .start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
+from ..execution.process import make_executor, wait_first
+from ..surrogate.fitness import evaluate
+from ..lang.psets import load_pset
+from ..runs.store import rank_key, tie_value
+from ..lang.trees import mutate, parse, to_text
 
 log = logging.getLogger("gp_loss.search")
 
@@ -57,10 +57,12 @@ log = logging.getLogger("gp_loss.search")
 
 class Evolution(StartPhases):
     def __init__(self, store, cfg: Config, progress=None):
-        from . import screen, symbolic
+        from ..lang import symbolic
+        from ..screen import integrity as screen
+        from ..screen import novelty
 
         self.store, self.cfg, self.progress = store, cfg, progress
-        self.screen, self.symbolic = screen, symbolic
+        self.screen, self.novelty, self.symbolic = screen, novelty, symbolic
         s = cfg.search
         self.pset = load_pset(s.pset)
         if s.max_depth or s.max_size:  # a run may tighten or loosen the set's size limits
@@ -76,8 +78,8 @@ class Evolution(StartPhases):
         self.promoted: set = set()           # members already given more seeds
         self.inflight: dict = {}             # future -> (candidate id, Cand or None)
         self.cache_keys: dict = {}           # future -> (key, sign, settings) for the cache
-        self.pool = screen.NoveltyIndex()    # population + in flight: duplicates get re-mutated
-        self.past = screen.NoveltyIndex()    # evaluated earlier, no longer members: reuse
+        self.pool = novelty.NoveltyIndex()    # population + in flight: duplicates get re-mutated
+        self.past = novelty.NoveltyIndex()    # evaluated earlier, no longer members: reuse
         self.past_rows: dict[int, dict] = {}
         self.stop_reason = None
         self.best = None                     # (fitness, expression text), best so far
@@ -134,7 +136,7 @@ class Evolution(StartPhases):
         # when the run stopped must not come back as old as the initial members.
         ok = row["status"] in ("evaluated", "reused")
         return Cand(row["id"], tree, row["key"], scr.fingerprint,
-                    self.screen.phenotype(scr.curve, sign) if scr.curve is not None else None,
+                    self.novelty.phenotype(scr.curve, sign) if scr.curve is not None else None,
                     sign, row["fitness"] if ok else None, tie_value(row) if ok else None,
                     age=birth if row["phase"] == "child" else 0, birth=birth, phase=row["phase"])
 
@@ -181,10 +183,10 @@ class Evolution(StartPhases):
         if hit is not None:
             return "duplicate", f"same as #{hit}", (scr, key)
         tol = self.cfg.search.phenotype_tolerance
-        phen = self.screen.phenotype(scr.curve, scr.sign)
+        phen = self.novelty.phenotype(scr.curve, scr.sign)
         if tol > 0 and phen is not None:
             others = [c.phenotype for c in self.members.values() if c.phenotype is not None]
-            if self.screen.near_duplicate(phen, others, tol):
+            if self.novelty.near_duplicate(phen, others, tol):
                 return "near_duplicate", "phenotype within tolerance", (scr, key)
         past = self.past.find(key, scr.fingerprint)
         return ("reuse" if past is not None else "new"), past, (scr, key, phen)
@@ -437,6 +439,6 @@ class Evolution(StartPhases):
 
 def start_run(run_dir, cfg: Config, meta: dict | None = None):
     """Create the store for a new run (refuses a directory that already holds one)."""
-    from .store import RunStore
+    from ..runs.store import RunStore
 
     return RunStore.create(run_dir, config_to_dict(cfg), meta or {})

@@ -24,7 +24,7 @@ import math
 
 import sympy
 
-from .primitives import EPS, plog
+from .ops import EPS, plog
 
 P = sympy.Symbol("p", positive=True)   # softmax output: in (0, 1]
 MAX_TERMS = 256       # expansion of one node is skipped when it would exceed this many terms

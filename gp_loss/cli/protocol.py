@@ -1,7 +1,7 @@
 """Protocol commands of the ``gp-loss`` CLI: ``compare`` (transfer tables) and ``eliminate``.
 
 Registered on the group of ``cli.py`` (which owns error handling and exit codes) through
-``cli.EXTENSIONS``; thin layers over ``protocol.py``, which documents the statistics and the
+``cli.EXTENSIONS``; thin layers over ``protocol/compare.py`` and ``protocol/eliminate.py``, which documents the statistics and the
 elimination rounds.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from .cli import UserError, cli, json_option, pset_option
-from .cli_run import (_device_option, _fmt, _resolve_device, _set_option, config_option,
+from .app import UserError, cli, json_option, pset_option
+from .run import (_device_option, _fmt, _resolve_device, _set_option, config_option,
                       data_options, data_overrides, seed_options)
 
 log = logging.getLogger("gp_loss")
@@ -102,17 +102,18 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
       gp-loss compare --loss baikal --cell model=resnet9v2 --cell dataset=digits \\
           --cell train_fraction=0.1 --seeds 10
     """
-    from . import protocol
-    from .config import load_config
-    from .executors import make_executor
-    from .psets import load_pset
+    from ..protocol import compare as C
+    from ..protocol import eliminate as E
+    from ..config import load_config
+    from ..execution.process import make_executor
+    from ..lang.psets import load_pset
 
     overrides = (data_overrides(data_root, download) + list(sets)
                  + ([f"surrogate.device={device}"] if device else []))
     if from_run and config is None:
         # Re-test a run's finalists under the run's own surrogate unless told otherwise.
-        from .config import apply_overrides, config_from_dict
-        from .store import RunStore
+        from ..config import apply_overrides, config_from_dict
+        from ..runs.store import RunStore
 
         with RunStore.open(from_run, readonly=True) as store:
             cfg = apply_overrides(config_from_dict(store.config()), overrides)
@@ -122,18 +123,18 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
     if markdown and not Path(markdown).resolve().parent.is_dir():
         raise UserError(f"cannot write {markdown}: folder {Path(markdown).parent} does not exist")
     ps = load_pset(pset)
-    losses, seen = [protocol.make_loss(protocol.BASELINE, ps, protocol.BASELINE)], set()
-    seen.add(protocol.BASELINE)
+    losses, seen = [C.make_loss(C.BASELINE, ps, C.BASELINE)], set()
+    seen.add(C.BASELINE)
     for spec in loss_specs:
         if spec.strip() not in seen:
-            losses.append(protocol.make_loss(spec.strip(), ps))
+            losses.append(C.make_loss(spec.strip(), ps))
             seen.add(spec.strip())
     if from_run:
-        losses += protocol.run_losses(from_run, top)
+        losses += C.run_losses(from_run, top)
     if len(losses) < 2:
         raise UserError("nothing to compare with ce: give --loss EXPR or --from-run DIR")
     dev = _resolve_device(cfg.surrogate.device)
-    cells = protocol.plan_cells(cfg, datasets, models, augments, dev, cell_specs=cell_specs)
+    cells = C.plan_cells(cfg, datasets, models, augments, dev, cell_specs=cell_specs)
     seed_list = list(range(first_seed, first_seed + seeds))
 
     def progress(i, n, key, res):
@@ -147,9 +148,9 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
                               timeout_s=cfg.surrogate.timeout_s) if workers > 1
                 else make_executor("serial", 1, cfg.executor.threads))
     with executor:
-        res = protocol.compare(losses, cells, seed_list, lrs, executor, on_done=progress)
+        res = C.compare(losses, cells, seed_list, lrs, executor, on_done=progress)
     if markdown:
-        Path(markdown).write_text(protocol.markdown_table(res), encoding="utf-8")
+        Path(markdown).write_text(C.markdown_table(res), encoding="utf-8")
     click.echo(json.dumps(res, indent=2) if as_json else format_compare(res))
 
 
@@ -157,7 +158,7 @@ def _elim_settings(run_cfg: dict, config: str | None, sets) -> tuple[dict, list[
     """(the [eliminate] table, overrides for the run's config) from --config and --set."""
     table, overrides = {}, []
     if config:
-        from .config import builtin_config_names, builtin_config_path
+        from ..config import builtin_config_names, builtin_config_path
 
         if not Path(config).is_file() and config.removesuffix(".toml") in \
                 builtin_config_names("eliminate"):
@@ -193,7 +194,7 @@ def _elim_settings(run_cfg: dict, config: str | None, sets) -> tuple[dict, list[
 
 
 def format_rounds(res: dict) -> str:
-    from .report import format_elimination
+    from ..runs.report import format_elimination
 
     return "\n".join(format_elimination(res["rounds"]))
 
@@ -224,10 +225,11 @@ def eliminate(run_dir, config, sets, device, as_json):
 
     `gp-loss show RUN_DIR` also displays the stored rounds.
     """
-    from . import protocol
-    from .config import apply_overrides, config_from_dict
-    from .executors import make_executor
-    from .store import RunStore
+    from ..protocol import compare as C
+    from ..protocol import eliminate as E
+    from ..config import apply_overrides, config_from_dict
+    from ..execution.process import make_executor
+    from ..runs.store import RunStore
 
     store = RunStore.open(run_dir)
     try:
@@ -242,7 +244,7 @@ def eliminate(run_dir, config, sets, device, as_json):
         surrogate = {**asdict(cfg.surrogate), "device": (
             cfg.surrogate.device if cfg.executor.kind == "ray"
             else _resolve_device(cfg.surrogate.device))}
-        rounds = protocol.resolve_rounds(table, surrogate)
+        rounds = E.resolve_rounds(table, surrogate)
 
         def progress(rnd, row, res):
             log.info("round %d: candidate %d seed %d: val %s (%.1fs)%s", rnd.index,
@@ -254,7 +256,7 @@ def eliminate(run_dir, config, sets, device, as_json):
             with make_executor(e.kind, e.workers, e.threads, retries=e.retries,
                                address=e.address, gpus_per_eval=e.gpus_per_eval,
                                timeout_s=cfg.surrogate.timeout_s) as executor:
-                res = protocol.eliminate(store, rounds, surrogate, executor, on_done=progress)
+                res = E.eliminate(store, rounds, surrogate, executor, on_done=progress)
         except KeyboardInterrupt:
             click.echo(f"interrupted; continue with: gp-loss eliminate {run_dir} (same "
                        f"--config/--set)", err=True)

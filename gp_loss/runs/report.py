@@ -1,6 +1,6 @@
 """Reading a run for people: the summary behind ``gp-loss show`` and the end-of-search table.
 
-Fed by a (read-only) ``store.RunStore``; formulas come from ``symbolic.formula`` (a pure
+Fed by a (read-only) ``store.RunStore``; formulas come from ``formula.formula`` (a pure
 function of the expression), computed here for the few rows shown rather than for every candidate in the loop
 (the engine's time belongs to the search). The elimination rounds stored in a run (``gp-loss
 eliminate``) are scored by ``eliminate.stored_rounds``, the same code that ranks them there;
@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 import statistics
 
-from .config import MODEL_ALIASES
-from .psets import load_pset
+from ..config import MODEL_ALIASES
+from ..lang.psets import load_pset
 from .store import (SEARCH_PHASES, TIE_BREAK, TIE_BREAK_TEXT, RunStore, row_rank_key,
                     tie_value)
-from .trees import parse
+from ..lang.trees import parse
 
 _NODE = re.compile(r"[^(),\s]+")
 
@@ -97,8 +97,8 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
     score; None when none finished), tie_break, pareto, status, counts, seconds, reference,
     state, config, elimination (the stored elimination rounds, ``eliminate.score_round``'s
     tables; None when the run has none)."""
-    from . import symbolic
-    from .eliminate import stored_rounds
+    from ..lang import formula as formula_mod
+    from ..protocol.eliminate import stored_rounds
 
     cfg = store.config()
     pset = load_pset(cfg.get("search", {}).get("pset", "paper"))
@@ -111,7 +111,7 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
             return None
         if expr not in shown:
             try:
-                shown[expr] = symbolic.formula(parse(expr, pset, max_height=10**4,
+                shown[expr] = formula_mod.formula(parse(expr, pset, max_height=10**4,
                                                      max_size=10**4), pset)
             except Exception:  # a display nicety must never break `show`
                 shown[expr] = expr
@@ -126,7 +126,7 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
             return None
         key = (expr, sign)
         if key not in classes:
-            from . import formula as _formula
+            from ..lang import formula as _formula
             try:
                 classes[key] = _formula.per_class(parse(expr, pset, max_height=10**4,
                                                         max_size=10**4), pset,
@@ -236,7 +236,7 @@ def format_latex(s: dict) -> str:
 
 
 def _latex_table(s: dict, rows: list, score: bool) -> str:
-    from . import symbolic
+    from ..lang import formula as formula_mod
 
     cfg_pset = load_pset(s["config"]["pset"])
     head = "rank & score & fitness" if score else "rank & fitness"
@@ -244,7 +244,7 @@ def _latex_table(s: dict, rows: list, score: bool) -> str:
              head + r" & size & per-sample loss $\ell(y, p)$ & $T(p)$ & $O(p)$ \\", r"\hline"]
     for i, r in enumerate(rows, 1):
         try:
-            body = symbolic.latex(parse(r["expr"], cfg_pset, max_height=10**4, max_size=10**4),
+            body = formula_mod.latex(parse(r["expr"], cfg_pset, max_height=10**4, max_size=10**4),
                                   cfg_pset)
         except Exception:  # a display nicety must never break `show`
             body = r"\texttt{%s}" % _tex_escape(r["expr"])

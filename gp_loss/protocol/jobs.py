@@ -16,7 +16,6 @@ Fed by a run store (``store.py``) and ``executors.py``. Used by ``compare.py`` a
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 class InputError(ValueError):
@@ -26,7 +25,7 @@ class InputError(ValueError):
 def run_jobs(jobs: list[tuple], executor, evaluate_fn: Callable, on_done=None) -> list[dict]:
     """Run ``evaluate_fn(*job)`` for every job, ``executor.capacity`` in flight; results in job
     order. An exception carried by a future becomes a failed result."""
-    from .executors import wait_first
+    from ..execution.process import wait_first
 
     results: list = [None] * len(jobs)
     inflight, queue = {}, list(range(len(jobs)))
@@ -49,20 +48,3 @@ def _result(fut) -> dict:
     except Exception as exc:  # a lost worker fails that run only
         return {"status": "failed", "reason": f"error: {type(exc).__name__}: {exc}"[:300],
                 "fitness": 0.0, "val_acc": None, "test_acc": None, "seconds": None}
-
-
-# name -> module; those modules import this one, so their names are resolved on first access.
-_LAZY = {
-    **dict.fromkeys(("BASELINE", "RUN_FIELDS", "mean_std", "welch_p", "holm", "wins_ties_losses",
-                     "select_lr", "Loss", "make_loss", "run_losses", "Cell", "plan_cells",
-                     "compare", "markdown_table"), "compare"),
-    **dict.fromkeys(("ELIM_DEFAULTS", "Round", "resolve_rounds", "eliminate"), "eliminate"),
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __package__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

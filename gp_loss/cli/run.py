@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .cli import UserError, cli, json_option, pset_option
+from .app import UserError, cli, json_option, pset_option
 
 log = logging.getLogger("gp_loss")
 
@@ -74,7 +74,7 @@ def _set_threads(threads: int) -> None:
 
 
 def _resolve_device(name: str) -> str:
-    from .data import resolve_device
+    from ..surrogate.data import resolve_device
 
     try:
         return str(resolve_device(name))
@@ -100,8 +100,8 @@ def config_warnings(cfg) -> list[str]:
 
 
 def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
-    from . import report
-    from .evolution import Evolution
+    from ..runs import report
+    from ..search.evolution import Evolution
 
     s = cfg.search
     total = len(s.reference) + len(s.seed_with) + s.initial + cfg.rescore_count() + s.children
@@ -149,15 +149,15 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
       gp-loss search
       gp-loss search search_runs/quick.toml --set search.children=50 --run-dir runs/try
     """
-    from .config import load_config
-    from .store import RunStore, environment
+    from ..config import load_config
+    from ..runs.store import RunStore, environment
 
     cfg = load_config(config, data_overrides(data_root, download) + list(sets)
                       + ([f"surrogate.device={device}"] if device else []))
-    from .psets import load_pset
+    from ..lang.psets import load_pset
 
     ps = load_pset(cfg.search.pset)  # a bad set name is bad input before anything is created
-    from .trees import parse
+    from ..lang.trees import parse
 
     for key, exprs in (("search.seed_with", cfg.search.seed_with),
                        ("search.reference", cfg.search.reference)):
@@ -170,8 +170,8 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     if RunStore.exists(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with: gp-loss resume {run_dir}")
     dev = _resolve_device(cfg.surrogate.device)
-    from .config import config_to_dict
-    from .fitness import preflight
+    from ..config import config_to_dict
+    from ..surrogate.fitness import preflight
 
     preflight(asdict(cfg.surrogate))  # bad data/model: exit 2 before a run is created
     for text in config_warnings(cfg):
@@ -207,8 +207,8 @@ def resume(run_dir, sets, device, top):
       gp-loss resume runs/quick
       gp-loss resume runs/quick --set search.children=1200 --set executor.workers=4
     """
-    from .config import apply_overrides, config_from_dict, config_to_dict
-    from .store import RunStore
+    from ..config import apply_overrides, config_from_dict, config_to_dict
+    from ..runs.store import RunStore
 
     run_dir = Path(run_dir)
     store = RunStore.open(run_dir)
@@ -260,8 +260,8 @@ def show(run_dir, top, as_json, as_latex):
       gp-loss show runs/quick --top 5
       gp-loss show runs/quick --latex > table.tex
     """
-    from . import report
-    from .store import RunStore
+    from ..runs import report
+    from ..runs.store import RunStore
 
     if as_json and as_latex:
         raise click.UsageError("choose one of --json and --latex")
@@ -303,7 +303,7 @@ def plot(run_dir, out_dir, top, dpi):
     Example:
       gp-loss plot runs/quick --top 5 -o figures/quick
     """
-    from . import plots
+    from ..runs import plots
 
     out_dir = out_dir if out_dir is not None else Path(run_dir) / "plots"
     for path in plots.write_all(run_dir, out_dir, top=top, dpi=dpi):
@@ -336,11 +336,11 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     Example:
       gp-loss train --loss ce --seeds 3 --json
     """
-    from .config import load_config
-    from .fitness import evaluate
-    from .psets import load_pset
-    from .screen import integrity
-    from .trees import parse, to_text
+    from ..config import load_config
+    from ..surrogate.fitness import evaluate
+    from ..lang.psets import load_pset
+    from ..screen.integrity import integrity
+    from ..lang.trees import parse, to_text
 
     extra = [f"surrogate.{k}={v}" for k, v in (("dataset", dataset), ("model", model),
                                                ("device", device)) if v]
@@ -352,7 +352,7 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     if not integ.accepted:
         log.warning("the integrity check rejects this loss (%s); training it with sign +1",
                     integ.reason)
-    from .fitness import preflight
+    from ..surrogate.fitness import preflight
 
     surrogate = asdict(cfg.surrogate)
     surrogate["device"] = _resolve_device(cfg.surrogate.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from deap import gp
 
-from . import primitives as prims
+from . import ops as prims
 
 
 class PSetError(ValueError):
@@ -83,7 +83,7 @@ def _resolve_path(name_or_path: str) -> Path:
         candidate = Path(folder) / f"{text}.toml"
         if candidate.is_file():
             return candidate
-    builtin = resources.files("primitives") / f"{text}.toml"
+    builtin = resources.files("gp_loss.builtin_psets") / f"{text}.toml"
     if builtin.is_file():
         return Path(str(builtin))
     raise PSetError(f"unknown primitive set {text!r}; available: {', '.join(available_psets())}")
@@ -91,7 +91,7 @@ def _resolve_path(name_or_path: str) -> Path:
 
 def available_psets() -> list:
     """Names of the sets shipped in ``primitives/``."""
-    return sorted(p.name[:-5] for p in resources.files("primitives").iterdir()
+    return sorted(p.name[:-5] for p in resources.files("gp_loss.builtin_psets").iterdir()
                   if p.name.endswith(".toml"))
 
 
@@ -118,7 +118,7 @@ def _load_cached(path_str: str) -> PSet:
     terminals = _need(data, "terminals", dict, where)
     if root not in type_names:
         raise PSetError(f"{where}: root type {root!r} is not among types {type_names}")
-    types = {t: type(t, (), {"__module__": "gp_loss.psets"}) for t in type_names}
+    types = {t: type(t, (), {"__module__": "gp_loss.lang.psets"}) for t in type_names}
     term_names = list(terminals)
     if not term_names or not set(term_names) <= {"y", "p"}:
         # The printer's functions take exactly (y, p) and terminal names are pasted into the

@@ -40,8 +40,8 @@ import socket
 import threading
 from typing import Any, Callable
 
-from gp_loss.config import ConfigError
-from gp_loss.executors import (_MAX_START_FAILURES, _THREAD_ENV, Executor, RemoteTraceback,
+from ..config import ConfigError
+from .process import (_MAX_START_FAILURES, _THREAD_ENV, Executor, RemoteTraceback,
                                WorkerLost, _set_torch_threads)
 
 log = logging.getLogger(__name__)

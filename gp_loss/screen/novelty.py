@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .screen import (PROBE_SEED, RTOL, SWEEP_ROWS, ZERO_TOL, _probe, _rows_match_many, _split,
+from .integrity import (PROBE_SEED, RTOL, SWEEP_ROWS, ZERO_TOL, _probe, _rows_match_many, _split,
                      is_constant)
 
 

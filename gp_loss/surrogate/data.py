@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 __all__ = ["Splits", "DATASETS", "LAYOUTS", "DataError", "load_splits", "resolve_device",
            "default_data_root"]

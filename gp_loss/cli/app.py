@@ -5,7 +5,7 @@ language commands (``simplify``, ``check``, ``same``, ``export``); each is a thi
 Python API in ``gp_loss/__init__.py``. The run commands (``search``, ``resume``, ``show``,
 ``train``, ...) live in extension modules listed in :data:`EXTENSIONS`, imported lazily the
 first time the group lists or looks up a command; such a module registers its commands with
-``from gp_loss.cli import cli`` and ``@cli.command()`` and may reuse :func:`pset_option` and
+``from gp_loss.cli.app import cli`` and ``@cli.command()`` and may reuse :func:`pset_option` and
 :class:`UserError`. Heavy imports (torch, sympy) happen inside commands so ``--help`` is fast.
 
 Exit codes (DESIGN §7), the same for every command:
@@ -28,12 +28,12 @@ import traceback
 
 import click
 
-from . import __version__
+from .. import __version__
 
 log = logging.getLogger("gp_loss")
 
 # Modules that add commands to the group (imported on first command lookup; absent is fine).
-EXTENSIONS = ("gp_loss.cli_run", "gp_loss.cli_protocol")
+EXTENSIONS = ("gp_loss.cli.run", "gp_loss.cli.protocol")
 
 # Exceptions meaning "bad input" (exit 2), matched by class name anywhere in the MRO so that
 # importing this module does not import config/store/trees just to name their classes.
@@ -346,7 +346,7 @@ def export(run_dir, exprs, names, top, fmt, output, pset) -> None:
       gp-loss export --expr 'neg(mul(sqrt(p), mul(y, log(p))))' --name sqrt_ce -o mine.py
       gp-loss export runs/quick --top 3 -o losses.py
     """
-    from . import export as exporter
+    from ..lang import export as exporter
     if bool(run_dir) == bool(exprs):
         raise click.UsageError("give --expr EXPR (repeatable) or a RUN_DIR, not both"
                                if exprs else "nothing to export: give --expr EXPR or a RUN_DIR")
@@ -355,7 +355,8 @@ def export(run_dir, exprs, names, top, fmt, output, pset) -> None:
         if names or pset:
             raise click.UsageError("--name and --pset apply to --expr only (a run names its "
                                    "losses rank1 ... rankK and records its primitive set)")
-        entries = exporter.run_entries(run_dir, top)
+        from ..runs.export import run_entries
+        entries = run_entries(run_dir, top)
     else:
         if names and len(names) != len(exprs):
             raise click.UsageError(f"{len(names)} --name for {len(exprs)} --expr")

@@ -25,7 +25,6 @@ used by ``screen.same``, the search's novelty index, ``formula.py``, ``simplify`
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 from typing import NamedTuple
 
@@ -36,7 +35,7 @@ from deap import gp
 from .algebra import (  # noqa: F401  (MAX_TERMS, normal_form and the k* functions: re-exported)
     MAX_TERMS, P, _DISPLAY_FORMS, _KEY_FORMS, _drop, _terms, kabs, kasinh, katan, kerf, kI0, kI1,
     kmax, kmin, ksig, ksin, ksinh, normal_form)
-from .primitives import plog
+from .ops import plog
 from .psets import load_pset
 from .trees import to_text, var_name
 
@@ -295,16 +294,3 @@ def canonical_key(tree, pset="paper", sign: int = 1) -> str:
             _CACHE.clear()   # simple and deterministic; keys are cheap to recompute
         _CACHE[cache_key] = key
     return key
-
-
-# The display half (formula.py) imports this module, so it is resolved on first access.
-_LAZY = {"formula": "formula", "latex": "latex", "display_expr": "display_expr",
-         "per_class": "per_class"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(".formula", __package__), _LAZY[name])
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

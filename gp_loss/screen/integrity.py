@@ -34,14 +34,13 @@ this module).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from .primitives import EPS
-from .psets import load_pset
-from .trees import var_name
+from ..lang.ops import EPS
+from ..lang.psets import load_pset
+from ..lang.trees import var_name
 
 RTOL = 1e-6          # relative tolerance of ``same`` on fingerprints (per probe row)
 ZERO_TOL = 1e-9      # a row below ZERO_TOL * sum_c p_c |dL/dp_c| is rounding noise: zero
@@ -180,14 +179,14 @@ def _run(per_sample, pset):
 
 
 def _tree_of(expr, pset):
-    from .trees import parse
+    from ..lang.trees import parse
     return parse(expr, pset) if isinstance(expr, str) else expr
 
 
 def _evaluate(tree, pset):
     """(tree, pset, curve, values, grads): parse if text, compile once (the printer's own
     ``NAME_per_sample``: what is screened is what trains), run once."""
-    from .codegen import compile_loss
+    from ..lang.codegen import compile_loss
     pset = load_pset(pset)
     tree = _tree_of(tree, pset)
     return (tree, pset) + _run(compile_loss(tree, pset)[1], pset)
@@ -352,7 +351,7 @@ def fingerprints_match(a, b) -> bool:
 
 def key_and_fingerprint(tree, pset="paper"):
     """(integrity sign, canonical key, fingerprint), compiling once; what ``same`` compares."""
-    from .symbolic import canonical_key
+    from ..lang.symbolic import canonical_key
     tree, pset, curve, _, grads = _evaluate(tree, pset)
     sign = judge_curve(curve)[2]
     return sign, canonical_key(tree, pset, sign=sign), _fingerprint(grads, sign)
@@ -365,15 +364,3 @@ def same(a, b, pset="paper") -> bool:
     _, ka, fa = key_and_fingerprint(a, pset)
     _, kb, fb = key_and_fingerprint(b, pset)
     return ka == kb or fingerprints_match(fa, fb)
-
-
-# The novelty index and phenotype filter (novelty.py) import this module: resolved on access.
-_LAZY = ("NoveltyIndex", "phenotype", "near_duplicate")
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(".novelty", __package__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

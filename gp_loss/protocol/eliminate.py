@@ -28,8 +28,8 @@ import logging
 import statistics
 from typing import Callable, Sequence
 
-from .config import MODEL_ALIASES
-from .protocol import InputError, run_jobs
+from ..config import MODEL_ALIASES
+from .jobs import InputError, run_jobs
 
 log = logging.getLogger("gp_loss")
 
@@ -97,7 +97,7 @@ def _stages(table: dict, n: int) -> list[dict]:
     if any(table.get(k) not in (None, []) for k in ("steps", "steps_factor")):
         raise InputError("eliminate.stages sets each round's steps (the sum of its stages): "
                          "give eliminate.steps or eliminate.steps_factor only without it")
-    from .train import check_stages  # imports torch: only when stages are asked for
+    from ..surrogate.train import check_stages  # imports torch: only when stages are asked for
 
     try:
         stages = check_stages(stages, "eliminate.stages")
@@ -118,9 +118,9 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
     """Run (or resume, or just report) the elimination rounds on a writable run store."""
     import json
 
-    from .executors import make_executor
-    from .fitness import evaluate
-    from .psets import load_pset
+    from ..execution.process import make_executor
+    from ..surrogate.fitness import evaluate
+    from ..lang.psets import load_pset
 
     evaluate_fn = evaluate_fn or evaluate
     ps = load_pset(store.config().get("search", {}).get("pset", "paper"))

@@ -21,9 +21,9 @@ def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: 
     """
     t0 = time.perf_counter()
     try:
-        from .codegen import compile_loss
+        from ..lang.codegen import compile_loss
         from .train import train_candidate
-        from .trees import parse
+        from ..lang.trees import parse
 
         # The text comes from our own driver/store; the safe parser still checks it, with
         # limits loose enough for runs configured above the set's defaults.
@@ -50,7 +50,7 @@ def preflight(surrogate: dict) -> None:
     An unknown dataset or model, or a missing data root, is then bad input (``ConfigError``,
     exit 2 on the CLI) instead of a column of failed evaluations.
     """
-    from .config import ConfigError
+    from ..config import ConfigError
     from .data import load_splits
     from .models import build_model
 

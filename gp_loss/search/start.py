@@ -20,8 +20,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .store import row_rank_key, tie_value
-from .trees import parse, random_tree, to_text
+from ..runs.store import row_rank_key, tie_value
+from ..lang.trees import parse, random_tree, to_text
 
 log = logging.getLogger("gp_loss.search")
 
@@ -139,7 +139,7 @@ class StartPhases:
                                          reason=f"re-score of #{r['id']}")
             self.phase = "initial"
             self._state()
-        self.pool = self.screen.NoveltyIndex()
+        self.pool = self.novelty.NoveltyIndex()
         self._load()
         log.info("seeding done: the best %d of %d re-scored by the surrogate", len(self.queue),
                  len(rows))
@@ -154,8 +154,8 @@ class StartPhases:
             self.store.replace_population([(r["id"], 0) for r in keep])
             self.phase = "evolve"
             self._state()
-        self.pool, self.past, self.past_rows = (self.screen.NoveltyIndex(),
-                                                self.screen.NoveltyIndex(), {})
+        self.pool, self.past, self.past_rows = (self.novelty.NoveltyIndex(),
+                                                self.novelty.NoveltyIndex(), {})
         self.members = {}
         self._load()
         log.info("initial population: %d members, best fitness %.4f", len(keep),

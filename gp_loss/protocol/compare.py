@@ -28,7 +28,7 @@ import statistics
 import time
 from typing import Callable, Sequence
 
-from .protocol import InputError, run_jobs
+from .jobs import InputError, run_jobs
 
 log = logging.getLogger("gp_loss")
 
@@ -112,8 +112,8 @@ class Loss:
 
 def make_loss(text: str, pset, name: str | None = None, source: str | None = None) -> Loss:
     """Parse a zoo name or expression; sign from the integrity check (+1 if rejected)."""
-    from .screen import integrity
-    from .trees import ParseError, parse, to_text
+    from ..screen.integrity import integrity
+    from ..lang.trees import ParseError, parse, to_text
 
     try:
         tree = parse(text, pset)
@@ -131,8 +131,8 @@ def make_loss(text: str, pset, name: str | None = None, source: str | None = Non
 def run_losses(run_dir, k: int) -> list[Loss]:
     """``rank1`` .. ``rankK``: a run's finalists -- the final ranking of its elimination when
     one finished in the run, else its best distinct search candidates."""
-    from .psets import load_pset
-    from .store import RunStore
+    from ..lang.psets import load_pset
+    from ..runs.store import RunStore
 
     with RunStore.open(run_dir, readonly=True) as store:
         ps = load_pset(store.config().get("search", {}).get("pset", "paper"))
@@ -181,7 +181,7 @@ def plan_cells(cfg, datasets: Sequence[str], models: Sequence[str], augments: Se
                ) -> list[Cell]:
     """Every dataset x model x augmentation (empty = the config's), or the explicit cells of
     ``cell_specs`` (surrogate settings over the config each); bad names -> InputError."""
-    from .config import apply_overrides
+    from ..config import apply_overrides
 
     if cell_specs and (datasets or models or augments):
         raise InputError("give either --cell or --dataset/--model/--augment, not both")
@@ -205,7 +205,7 @@ def plan_cells(cfg, datasets: Sequence[str], models: Sequence[str], augments: Se
 
 def _preflight(sur: dict) -> None:
     """fitness.preflight, reported as this module's InputError (exit 2 on the CLI)."""
-    from .fitness import preflight
+    from ..surrogate.fitness import preflight
 
     try:
         preflight(sur)
@@ -217,8 +217,8 @@ def compare(losses: Sequence[Loss], cells: Sequence[Cell], seeds: Sequence[int],
             lrs: Sequence[float] = (), executor=None, evaluate_fn: Callable | None = None,
             on_done=None) -> dict:
     """Train every loss in every cell for every seed (and lr); the ``compare --json`` object."""
-    from .executors import make_executor
-    from .fitness import evaluate
+    from ..execution.process import make_executor
+    from ..surrogate.fitness import evaluate
 
     evaluate_fn = evaluate_fn or evaluate
     if not any(l.name == BASELINE for l in losses):

@@ -20,12 +20,12 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import InputError
-from .evolution_start import initial_population
-from .psets import load_pset
+from .. import InputError
+from ..search.start import initial_population
+from ..lang.psets import load_pset
 from .report import evaluated_rows, how_found, pareto_front
 from .store import SEARCH_PHASES, RunStore
-from .trees import display_name, parse, var_name
+from ..lang.trees import display_name, parse, var_name
 
 DONE = ("evaluated", "reused", "failed")
 FITNESS_LABEL = "fitness (best validation accuracy)"
@@ -161,8 +161,8 @@ def shape_curves(expr: str, pset, sign: int):
     the one along p_true with p_other = 1 - p_true."""
     import torch
 
-    from .codegen import compile_loss
-    from .screen import _probe
+    from ..lang.codegen import compile_loss
+    from ..screen.integrity import _probe
 
     probe = _probe()
     per_sample = compile_loss(parse(expr, pset, max_height=10**4, max_size=10**4), pset)[1]

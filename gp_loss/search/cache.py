@@ -28,7 +28,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .config import MODEL_ALIASES
+from ..config import MODEL_ALIASES
 
 log = logging.getLogger("gp_loss.cache")
 
@@ -51,8 +51,8 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
     """The part of the key shared by every candidate of a run (computed once per config)."""
     import torch
 
-    from .data import resolve_device
-    from .store import _version
+    from ..surrogate.data import resolve_device
+    from ..runs.store import _version
 
     dev = resolve_device(surrogate.get("device", "auto"))
     amp = surrogate.get("amp", "auto")
