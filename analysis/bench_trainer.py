@@ -27,6 +27,7 @@ object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,7 +40,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gp_loss.surrogate.data import load_splits, resolve_device
 from gp_loss.surrogate.models import build_model
-from gp_loss.surrogate.train import SURROGATE_DEFAULTS, _make_optimizer, train_candidate
+from gp_loss.config import SurrogateConfig  # noqa: E402
+from gp_loss.surrogate.train import _make_optimizer, train_candidate
 
 
 def _fresh(cfg: dict, splits, seed: int, device: str):
@@ -134,15 +136,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median taken)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a worker uses 1)")
-    ap.add_argument("--steps", type=int, default=SURROGATE_DEFAULTS["steps"])
-    ap.add_argument("--model", default=SURROGATE_DEFAULTS["model"])
-    ap.add_argument("--dataset", default=SURROGATE_DEFAULTS["dataset"])
+    ap.add_argument("--steps", type=int, default=SurrogateConfig().steps)
+    ap.add_argument("--model", default=SurrogateConfig().model)
+    ap.add_argument("--dataset", default=SurrogateConfig().dataset)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     # Pre-screen off: the reference loops cannot fail, ours must run the same number of steps.
-    cfg = {**SURROGATE_DEFAULTS, "steps": args.steps, "model": args.model,
+    cfg = {**dataclasses.asdict(SurrogateConfig()), "steps": args.steps, "model": args.model,
            "dataset": args.dataset, "prescreen_steps": 0}
     splits = load_splits(cfg["dataset"])
     variants = {"ours": ours, "minimal": minimal, "dataloader": dataloader}

@@ -48,6 +48,41 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def check_fractions(val_fraction: float, test_fraction: float, train_fraction: float,
+                    where: str = "surrogate") -> None:
+    """The one rule for the data split (used by ``SurrogateConfig`` and ``data.load_splits``)."""
+    _check(0 < train_fraction <= 1, f"{where}.train_fraction", "must be in (0, 1]")
+    _check(0 < val_fraction < 1, f"{where}.val_fraction", "must be in (0, 1)")
+    _check(0 <= test_fraction < 1, f"{where}.test_fraction", "must be in [0, 1)")
+    _check(val_fraction + test_fraction < 1, f"{where}.test_fraction",
+           f"{where}.val_fraction + {where}.test_fraction must be < 1")
+
+
+# Training stages (eliminate's rounds): key -> (type, lowest value, exclusive upper bound or
+# None, what it must be). Checked here so the protocol need not import the trainer (torch).
+_STAGE_CHECKS = {"steps": (int, 1, None, "an integer >= 1"),
+                 "image_size": (int, 0, None, "an integer >= 0"),
+                 "randaugment_magnitude": (float, 0.0, None, "a number >= 0"),
+                 "dropout": (float, 0.0, 1.0, "a number in [0, 1)")}
+STAGE_KEYS = tuple(_STAGE_CHECKS)
+
+
+def check_stages(stages, where: str = "surrogate.stages") -> list[dict]:
+    """Checked, typed copies of stage dicts (keys ``STAGE_KEYS``, ``steps`` required)."""
+    if not isinstance(stages, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of tables, got {stages!r}")
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or "steps" not in st or set(st) - set(STAGE_KEYS):
+            raise ConfigError(f"{where}[{i}] must be a table with steps and optionally "
+                              f"{', '.join(STAGE_KEYS[1:])}, got {st!r}")
+        for k, v in st.items():
+            typ, lo, hi, what = _STAGE_CHECKS[k]
+            if (isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int)
+                    or not math.isfinite(v) or v < lo or (hi is not None and v >= hi)):
+                raise ConfigError(f"{where}[{i}].{k} must be {what}, got {v!r}")
+    return [{k: _STAGE_CHECKS[k][0](v) for k, v in st.items()} for st in stages]
+
+
 def _coerce_fields(obj: Any) -> None:
     """Type-check every field of a section and normalise it (int -> float, list -> tuple).
 
@@ -227,11 +262,7 @@ class SurrogateConfig:
         _check(self.lr > 0, f"{s}.lr", "must be > 0")
         _check(0 <= self.warmup_fraction <= 1, f"{s}.warmup_fraction", "must be in [0, 1]")
         _check(self.eval_every >= 0, f"{s}.eval_every", "must be >= 0 (0 = once per epoch)")
-        _check(0 < self.train_fraction <= 1, f"{s}.train_fraction", "must be in (0, 1]")
-        _check(0 < self.val_fraction < 1, f"{s}.val_fraction", "must be in (0, 1)")
-        _check(0 <= self.test_fraction < 1, f"{s}.test_fraction", "must be in [0, 1)")
-        _check(self.val_fraction + self.test_fraction < 1, f"{s}.test_fraction",
-               "surrogate.val_fraction + surrogate.test_fraction must be < 1")
+        check_fractions(self.val_fraction, self.test_fraction, self.train_fraction, s)
         _check(self.split_seed >= 0, f"{s}.split_seed", "must be >= 0")
         _check(self.seed >= 0, f"{s}.seed", "must be >= 0")
         _check(self.prescreen_steps >= 0, f"{s}.prescreen_steps", "must be >= 0 (0 = off)")

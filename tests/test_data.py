@@ -211,7 +211,7 @@ def test_training_with_resize_augmentation_and_separate_prescreen():
         assert r1["test_acc"] is not None
     sep = {**base, "prescreen_separate": True, "prescreen_steps": 10, "augment": "flipcrop",
            "image_size": 12, "prescreen_image_size": 8}
-    r = train_candidate(F.cross_entropy, {**sep, "prescreen_min_acc": 1.01})
+    r = train_candidate(F.cross_entropy, {**sep, "prescreen_min_acc": 1.0})
     assert (r["status"], r["reason"], r["steps"]) == ("failed", "prescreen", 10)
     ok = train_candidate(F.cross_entropy, {**sep, "prescreen_min_acc": 0.0})
     assert ok["status"] == "ok" and ok["steps"] == 20

@@ -16,7 +16,8 @@ from gp_loss.surrogate import data
 from gp_loss.surrogate import models
 
 from gp_loss.surrogate import train
-from gp_loss.surrogate.train import SURROGATE_DEFAULTS, lr_schedule, train_candidate
+from gp_loss.config import ConfigError, SurrogateConfig
+from gp_loss.surrogate.train import lr_schedule, train_candidate
 
 SHORT = {"steps": 60, "prescreen_steps": 0}
 
@@ -170,7 +171,7 @@ def test_cross_entropy_learns_digits():
 
 @pytest.mark.parametrize("fn, reason", [(_nan_loss, "nan_loss"), (_inf_loss, "inf_loss")])
 def test_non_finite_loss_fails_at_its_step(fn, reason):
-    r = train_candidate(fn, SURROGATE_DEFAULTS)
+    r = train_candidate(fn, SurrogateConfig())
     assert (r["status"], r["reason"], r["steps"]) == ("failed", reason, 1)
     assert r["fitness"] == 0.0 and r["val_acc"] == 0.0
 
@@ -188,7 +189,7 @@ def test_zero_gradient_loss_fails_the_prescreen():
 
 
 def test_midrun_rule_and_timeout():
-    r = train_candidate(F.cross_entropy, {**SHORT, "midrun_step": 30, "midrun_min_acc": 1.01})
+    r = train_candidate(F.cross_entropy, {**SHORT, "midrun_step": 30, "midrun_min_acc": 1.0})
     assert (r["status"], r["reason"], r["steps"]) == ("failed", "early_stop", 30)
     r = train_candidate(F.cross_entropy, {**SHORT, "timeout_s": 1e-9})
     assert (r["status"], r["reason"]) == ("failed", "timeout")
@@ -270,3 +271,16 @@ def test_prescreen_never_stops_the_last_step():
     r = train_candidate(_zero_gradient_loss, {"steps": 40, "prescreen_steps": 40,
                                               "prescreen_separate": True})
     assert (r["status"], r["reason"], r["steps"]) == ("failed", "prescreen", 40)
+
+
+def test_one_validation_of_the_surrogate_settings():
+    # warmup_fraction = 1.0 passed the config and then failed every candidate in train (its
+    # own copy said [0, 1)); one rule now, in config.SurrogateConfig, for both.
+    r = train_candidate(F.cross_entropy, {**SHORT, "warmup_fraction": 1.0})
+    assert r["status"] == "ok", r
+    same = train_candidate(F.cross_entropy, SurrogateConfig(**{**SHORT, "warmup_fraction": 1.0}))
+    assert (same["fitness"], same["weights_hash"]) == (r["fitness"], r["weights_hash"])
+    with pytest.raises(ConfigError, match="surrogate.warmup_fraction"):
+        train_candidate(F.cross_entropy, {**SHORT, "warmup_fraction": 1.5})
+    with pytest.raises(ConfigError, match="surrogate.val_fraction"):
+        train_candidate(F.cross_entropy, {**SHORT, "val_fraction": 0.0})

@@ -28,7 +28,7 @@ import logging
 import statistics
 from typing import Callable, Sequence
 
-from ..config import MODEL_ALIASES
+from ..config import MODEL_ALIASES, check_stages
 from .jobs import InputError, run_jobs
 
 log = logging.getLogger("gp_loss")
@@ -97,7 +97,6 @@ def _stages(table: dict, n: int) -> list[dict]:
     if any(table.get(k) not in (None, []) for k in ("steps", "steps_factor")):
         raise InputError("eliminate.stages sets each round's steps (the sum of its stages): "
                          "give eliminate.steps or eliminate.steps_factor only without it")
-    from ..surrogate.train import check_stages  # imports torch: only when stages are asked for
 
     try:
         stages = check_stages(stages, "eliminate.stages")

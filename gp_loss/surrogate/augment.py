@@ -32,10 +32,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..config import AUGMENTS
+
 __all__ = ["AUGMENTS", "resize", "flipcrop", "randaugment", "augment_batch", "magnitude_bin",
            "RA_OPS"]
 
-AUGMENTS = ("none", "flipcrop", "randaugment")
 RA_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
           "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 _GEOMETRIC = (1, 2, 3, 4, 5)

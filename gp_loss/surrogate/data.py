@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_fractions
 
 __all__ = ["Splits", "DATASETS", "LAYOUTS", "DataError", "load_splits", "resolve_device",
            "default_data_root"]
@@ -248,15 +248,6 @@ def _stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) ->
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-def _check_fractions(val_fraction: float, test_fraction: float, train_fraction: float) -> None:
-    if not (0.0 < val_fraction < 1.0 and 0.0 <= test_fraction < 1.0
-            and val_fraction + test_fraction < 1.0):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must "
-                         "be in [0, 1), val_fraction > 0, and sum to less than 1")
-    if not 0.0 < train_fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
-
-
 @functools.lru_cache(maxsize=16)
 def _cpu_splits(name: str, data_root: str, split_seed: int, val_fraction: float,
                 test_fraction: float, train_fraction: float, download: bool = False) -> Splits:
@@ -314,7 +305,7 @@ def load_splits(name: str, *, data_root: str = "", split_seed: int = 0,
     the layout torchvision expects.
     """
     _check_name(name)
-    _check_fractions(val_fraction, test_fraction, train_fraction)
+    check_fractions(val_fraction, test_fraction, train_fraction, "load_splits")
     key = (name, str(data_root), int(split_seed), float(val_fraction), float(test_fraction),
            float(train_fraction), bool(download))
     if torch.device(device).type == "cpu":

@@ -11,7 +11,7 @@ candidates, so per-step Python and dispatch overhead is the cost that matters. T
 chooses the torch thread count (a search worker should use 1: the models are too small to
 gain from more, and spinning OpenMP threads slow everything on a shared 2-core machine).
 
-Hyperparameters (`SURROGATE_DEFAULTS`) and why:
+Hyperparameters (the defaults of `config.SurrogateConfig`, the one definition and check) and why:
 
   dataset "digits", model "tiny"  real data, ~1.3 s per candidate on one CPU thread.
   steps 400                ~21 epochs of digits at batch 64: cross-entropy reaches ~0.97 val
@@ -66,6 +66,7 @@ all stages; test_acc is that checkpoint's, at its stage's size. A separate pre-s
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -74,104 +75,34 @@ from typing import Callable
 
 import torch
 
-from .augment import AUGMENTS, augment_batch, resize
+from ..config import SurrogateConfig, check_stages
+from .augment import augment_batch, resize
 from .data import load_splits, resolve_device
 from .models import build_model
 
-__all__ = ["SURROGATE_DEFAULTS", "STAGE_KEYS", "check_stages", "train_candidate",
-           "lr_schedule"]
+__all__ = ["train_candidate", "lr_schedule"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-SURROGATE_DEFAULTS: dict = {
-    "dataset": "digits",
-    "data_root": "",
-    "model": "tiny",
-    "steps": 400,
-    "batch_size": 64,
-    "lr": 2e-3,
-    "warmup_fraction": 0.1,
-    "eval_every": 0,
-    "train_fraction": 1.0,
-    "val_fraction": 0.15,
-    "test_fraction": 0.15,
-    "split_seed": 0,
-    "prescreen_steps": 100,
-    "prescreen_min_acc": 0.35,
-    "midrun_step": 0,
-    "midrun_min_acc": 0.22,
-    "timeout_s": 0,
-    "weight_decay": 0.0,
-    "image_size": 0,
-    "augment": "none",
-    "randaugment_ops": 2,
-    "randaugment_magnitude": 5.0,
-    "prescreen_separate": False,
-    "prescreen_image_size": 0,
-    "download": False,
-    "amp": "auto",
-    "compile": False,
-}
 
 _EVAL_CHUNK = 4096  # bounds activation memory when a split is evaluated in one go
 # Device types where reading the loss every step is cheap (no asynchronous queue to stall).
 _SYNC_EACH_STEP = {"cpu"}
 
 
-# key -> (type, lowest value, exclusive upper bound or None, what it must be)
-_STAGE_CHECKS = {"steps": (int, 1, None, "an integer >= 1"),
-                 "image_size": (int, 0, None, "an integer >= 0"),
-                 "randaugment_magnitude": (float, 0.0, None, "a number >= 0"),
-                 "dropout": (float, 0.0, 1.0, "a number in [0, 1)")}
-STAGE_KEYS = tuple(_STAGE_CHECKS)
-
-
-def check_stages(stages, where: str = "surrogate.stages") -> list[dict]:
-    """Checked, typed copies of stage dicts (keys `STAGE_KEYS`, `steps` required)."""
-    if not isinstance(stages, (list, tuple)):
-        raise ValueError(f"{where} must be a list of tables, got {stages!r}")
-    for i, st in enumerate(stages):
-        if not isinstance(st, dict) or "steps" not in st or set(st) - set(STAGE_KEYS):
-            raise ValueError(f"{where}[{i}] must be a table with steps and optionally "
-                             f"{', '.join(STAGE_KEYS[1:])}, got {st!r}")
-        for k, v in st.items():
-            typ, lo, hi, what = _STAGE_CHECKS[k]
-            if (isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int)
-                    or not math.isfinite(v) or v < lo or (hi is not None and v >= hi)):
-                raise ValueError(f"{where}[{i}].{k} must be {what}, got {v!r}")
-    return [{k: _STAGE_CHECKS[k][0](v) for k, v in st.items()} for st in stages]
-
-
-def _config(surrogate: dict) -> dict:
-    """Defaults overlaid with the known keys of `surrogate` (unknown keys are ignored: the
-    evaluation config may carry settings for other stages), with types and ranges checked;
-    complete `stages` (one without the key), steps = their total, stage 1's size/magnitude."""
-    cfg = dict(SURROGATE_DEFAULTS)
-    cfg.update({k: v for k, v in (surrogate or {}).items() if k in SURROGATE_DEFAULTS})
-    for key in ("steps", "batch_size", "eval_every", "split_seed", "prescreen_steps",
-                "midrun_step", "image_size", "randaugment_ops", "prescreen_image_size"):
-        cfg[key] = int(cfg[key])
-    for key in ("lr", "warmup_fraction", "train_fraction", "val_fraction", "test_fraction",
-                "prescreen_min_acc", "midrun_min_acc", "timeout_s", "weight_decay",
-                "randaugment_magnitude"):
-        cfg[key] = float(cfg[key])
-    for key in ("prescreen_separate", "download", "compile"):
-        cfg[key] = bool(cfg[key])
-    if cfg["augment"] not in AUGMENTS:
-        raise ValueError(f"surrogate.augment must be one of {', '.join(AUGMENTS)}")
-    if cfg["amp"] not in ("auto", "bf16", "off"):
-        raise ValueError("surrogate.amp must be auto, bf16 or off")
-    if min(cfg["image_size"], cfg["prescreen_image_size"], cfg["randaugment_ops"]) < 0:
-        raise ValueError("surrogate.image_size, prescreen_image_size, randaugment_ops: >= 0")
-    if cfg["steps"] < 1 or cfg["batch_size"] < 1:
-        raise ValueError("surrogate.steps and surrogate.batch_size must be >= 1")
-    if min(cfg["eval_every"], cfg["prescreen_steps"], cfg["midrun_step"]) < 0:
-        raise ValueError("surrogate.eval_every, prescreen_steps and midrun_step must be >= 0")
-    if not cfg["lr"] > 0 or not 0.0 <= cfg["warmup_fraction"] < 1.0:
-        raise ValueError("surrogate.lr must be > 0 and surrogate.warmup_fraction in [0, 1)")
+def _config(surrogate) -> dict:
+    """The settings one training uses: ``surrogate`` (a ``config.SurrogateConfig``, or a dict of
+    its fields -- unknown keys are ignored: the evaluation config may carry settings for other
+    stages) checked by ``SurrogateConfig``, the one validation; complete ``stages`` (one without
+    the key), steps = their total, stage 1's size/magnitude."""
+    extra = {}
+    if not isinstance(surrogate, SurrogateConfig):
+        extra = dict(surrogate or {})
+        known = {f.name for f in dataclasses.fields(SurrogateConfig)}
+        surrogate = SurrogateConfig(**{k: v for k, v in extra.items() if k in known})
+    cfg = dataclasses.asdict(surrogate)
     base = {"image_size": cfg["image_size"], "randaugment_magnitude": cfg["randaugment_magnitude"],
             "dropout": None}  # None: the model's own rates
-    stages = check_stages((surrogate or {}).get("stages") or [])
+    stages = check_stages(extra.get("stages") or [])
     cfg["stages"] = tuple({**base, **st} for st in stages) or ({**base, "steps": cfg["steps"]},)
     if stages:
         cfg.update(steps=sum(st["steps"] for st in stages),
