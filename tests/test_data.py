@@ -157,6 +157,28 @@ def test_imagefolder_grey_and_colour(tmp_path):
         data.load_splits(f"imagefolder:{tmp_path / 'nothing'}")
 
 
+def test_imagefolder_reads_more_images_than_the_open_file_limit(tmp_path):
+    # The loader opened every image before converting any: a folder larger than the open-file
+    # limit failed ("Too many open files"). It streams now: one file open at a time.
+    import os
+    import resource
+
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(150):
+            Image.fromarray(_images(rng, 1, (6, 6))[0], "L").save(tmp_path / c / f"{i}.png")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 100, hard))   # < 300 images
+    try:
+        s = data.load_splits(f"imagefolder:{tmp_path}", val_fraction=0.2, test_fraction=0.2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert s.x_train.shape[0] + s.x_val.shape[0] + s.x_test.shape[0] == 300
+
+
 def test_unknown_dataset_is_a_data_error():
     with pytest.raises(data.DataError, match="imagefolder:PATH"):
         data.load_splits("cifar-1000")

@@ -190,11 +190,20 @@ def _load_imagefolder(path: str) -> tuple:
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"imagefolder dataset not readable at {p}: expected PATH/CLASS_NAME/"
                         f"IMAGE.png (one folder per class) ({exc})") from exc
-    images = [Image.open(f) for f, _ in ds.samples]
-    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
-    size = images[0].size
-    arrays = [np.asarray(im.convert(mode).resize(size, Image.BILINEAR)
-                         if im.size != size else im.convert(mode)) for im in images]
+    # Two streaming passes, one file open at a time (a large folder would exceed the open-file
+    # limit if every image stayed open): the headers decide the mode (grey only if every image
+    # is) and the size (the first image's), then each image is converted as it is read.
+    grey, size = True, None
+    for f, _ in ds.samples:
+        with Image.open(f) as im:
+            grey = grey and im.mode in ("L", "1", "I;16", "I")
+            size = size or im.size
+    mode = "L" if grey else "RGB"
+    arrays = []
+    for f, _ in ds.samples:
+        with Image.open(f) as im:
+            im = im.convert(mode)
+            arrays.append(np.asarray(im.resize(size, Image.BILINEAR) if im.size != size else im))
     x = np.stack(arrays)
     y = np.asarray([c for _, c in ds.samples], dtype=np.int64)
     return _to_nchw01(x, "NHW" if mode == "L" else "NHWC"), y, None
