@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gp_loss.screen import integrity as screen
-from gp_loss.screen import novelty
+from gp_loss.screen import fingerprint, novelty
 from gp_loss.lang.trees import parse
 
 EQUIVALENCE_SET = Path(__file__).with_name("equivalence_set.toml")
@@ -150,7 +150,7 @@ def test_screen_rejects_with_integrity_reason_and_sign_plus_one():
 
 
 def test_probe_batch_covers_scales_and_class_counts():
-    pr = screen._probe()
+    pr = fingerprint.probe()
     ps = [p for _, _, p in pr.blocks]
     assert [p.shape[1] for p in ps] == [10, 100]
     assert min(p.min() for p in ps) < 1e-29                                  # confident rows
@@ -163,9 +163,9 @@ def test_fingerprint_is_deterministic_and_oriented():
     np.testing.assert_array_equal(a, screen.fingerprint(parse(CE, "paper")))
     b = screen.fingerprint("mul(y, log(p))", sign=-1)
     assert screen.fingerprints_match(a, b)
-    g, _ = screen._split(a)
+    g, _ = fingerprint.split(a)
     # Cross-entropy's gradient w.r.t. the logits is p - y (up to eps): check a C=10 row.
-    _, y, p = screen._probe().blocks[0]
+    _, y, p = fingerprint.probe().blocks[0]
     p_true = p[0][y[0] > 0]
     np.testing.assert_allclose(g[:10], (p[0] - y[0]) * p_true / (p_true + 1e-7), rtol=1e-9)
 
@@ -254,7 +254,7 @@ def test_novelty_index_add_find_remove():
 def test_novelty_index_many_entries_agrees_with_pairwise_test():
     # Synthetic fingerprints (gradient part with very different row scales, then row scales),
     # plus copies just inside and just outside the tolerance, and copies off in one row only.
-    pr = screen._probe()
+    pr = fingerprint.probe()
     rng = np.random.default_rng(0)
     base = []
     for _ in range(80):
@@ -262,7 +262,7 @@ def test_novelty_index_many_entries_agrees_with_pairwise_test():
         base.append(np.concatenate([g, np.abs(rng.standard_normal(pr.rows))]))
     probes = list(base)
     for fp in base[:15]:
-        g, s = screen._split(fp)
+        g, s = fingerprint.split(fp)
         probes.append(np.concatenate([g * (1 + 3e-7), s]))        # inside
         probes.append(np.concatenate([g * (1 + 3e-6), s]))        # outside
         one_row = g.copy()

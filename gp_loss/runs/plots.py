@@ -162,9 +162,9 @@ def shape_curves(expr: str, pset, sign: int):
     import torch
 
     from ..lang.codegen import compile_loss
-    from ..screen.integrity import _probe
+    from ..screen.fingerprint import probe as fixed_probe
 
-    probe = _probe()
+    probe = fixed_probe()
     per_sample = compile_loss(parse(expr, pset, max_height=10**4, max_size=10**4), pset)[1]
     t = torch.from_numpy(probe.sweep_p[:, 1].copy()).requires_grad_(True)
     p = torch.stack([1.0 - t, t], dim=1)

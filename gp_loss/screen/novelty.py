@@ -8,7 +8,7 @@
 * ``phenotype`` / ``near_duplicate`` -- the paper's optional filter: the min-max-normalised,
   oriented integrity sweep curve, and an L2-distance test against the members' phenotypes.
 
-Fed by ``screen.py`` (fingerprints, curves, the probe layout and the row test) and keys from
+Fed by ``fingerprint.py`` (fingerprints, the probe layout and the row test), ``integrity.py`` (curves) and keys from
 ``symbolic.canonical_key``; ``screen`` re-exports these names. Used by the search loop
 (``evolution``) and ``analysis/bench_screen.py``.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .integrity import (PROBE_SEED, RTOL, SWEEP_ROWS, ZERO_TOL, _probe, _rows_match_many, _split,
-                     is_constant)
+from .fingerprint import (PROBE_SEED, RTOL, SWEEP_ROWS, ZERO_TOL, is_constant, probe,
+                          rows_match_many, split)
 
 
 class NoveltyIndex:
@@ -48,7 +48,7 @@ class NoveltyIndex:
         return cid in self._row
 
     def _summary(self, fp):
-        g, s = _split(fp)
+        g, s = split(fp)
         if self._P is None:
             rng = np.random.default_rng(PROBE_SEED + 1)
             self._P = np.linalg.qr(rng.standard_normal((g.shape[0], self.K)))[0]
@@ -103,7 +103,7 @@ class NoveltyIndex:
         None. The lowest, not the first found: a resumed run rebuilds the index in id order,
         and the answer must not depend on insertion order."""
         hits = list(self._by_key.get(key, ())) if key is not None else []
-        n, width = len(self._cids), _probe().size + _probe().rows
+        n, width = len(self._cids), probe().size + probe().rows
         if n == 0 or fp is None:
             return min(hits) if hits else None
         fp = np.asarray(fp, dtype=np.float64).ravel()
@@ -117,9 +117,9 @@ class NoveltyIndex:
         rows = np.flatnonzero(d2 <= bound * bound * 1.0001 + 1e-12 * (qq_i + qq))
         if rows.size:
             stack = self._fp[rows]
-            nonzero = np.any(_split(stack)[0], axis=1)
+            nonzero = np.any(split(stack)[0], axis=1)
             # A constant matches constants only, whatever the tolerances say.
-            ok = ~nonzero if is_constant(fp) else nonzero & _rows_match_many(stack, fp)
+            ok = ~nonzero if is_constant(fp) else nonzero & rows_match_many(stack, fp)
             rows = rows[ok]
         hits.extend(self._cids[r] for r in rows)
         return min(hits) if hits else None
