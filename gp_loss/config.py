@@ -278,7 +278,7 @@ class SurrogateConfig:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """Where evaluations run (see executors.py)."""
+    """Where evaluations run (see execution/)."""
 
     SECTION: typing.ClassVar[str] = "executor"
     kind: str = "serial"

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from gp_loss.config import ConfigError
-from gp_loss.execution.process import (ProcessExecutor, RemoteTraceback, SerialExecutor, WorkerLost,
-                               make_executor, wait_first)
+from gp_loss.execution import RemoteTraceback, WorkerLost, make_executor, wait_first
+from gp_loss.execution.base import SerialExecutor
+from gp_loss.execution.process import ProcessExecutor
 
 
 def _runs(path: str) -> list[int]:
@@ -130,7 +131,7 @@ def test_process_retries_a_lost_evaluation_then_fails_it(tmp_path):
 
 
 def test_process_hung_evaluation_is_killed_at_the_hard_deadline_and_not_retried():
-    from gp_loss.execution.process import EvaluationTimeout
+    from gp_loss.execution import EvaluationTimeout
 
     # timeout_s = 0.8 -> hard deadline 1.25 * 0.8 + 5 = 6 s; time.sleep stands for a step that
     # never returns (the trainer's own between-steps check cannot see it)

@@ -105,7 +105,7 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
     from ..protocol import compare as C
     from ..protocol import eliminate as E
     from ..config import load_config
-    from ..execution.process import make_executor
+    from ..execution import make_executor
     from ..lang.psets import load_pset
 
     overrides = (data_overrides(data_root, download) + list(sets)
@@ -228,7 +228,7 @@ def eliminate(run_dir, config, sets, device, as_json):
     from ..protocol import compare as C
     from ..protocol import eliminate as E
     from ..config import apply_overrides, config_from_dict
-    from ..execution.process import make_executor
+    from ..execution import make_executor
     from ..runs.store import RunStore
 
     store = RunStore.open(run_dir)

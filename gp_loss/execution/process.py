@@ -1,4 +1,5 @@
-"""Where evaluations run: one interface over ``concurrent.futures.Future``.
+"""The process backend, and where evaluations run in general: one interface over
+``concurrent.futures.Future`` (``base.py``).
 
 Fed by ``config.ExecutorConfig`` (kind, workers, threads, retries, address, gpus_per_eval);
 used by the evolution loop and the protocol commands, which submit ``fitness.evaluate`` with
@@ -12,7 +13,7 @@ plain data and handle results in completion order (``wait_first``). Kinds:
   OOM kill) is replaced, and only the evaluation it was running is affected: it goes back to
   the head of the queue up to ``retries`` times, then its future fails with ``WorkerLost``;
   the other evaluations are unaffected and later submissions work.
-- ``ray``: long-lived Ray actors, one per worker slot (``executor_ray.py``; needs the optional
+- ``ray``: long-lived Ray actors, one per worker slot (``ray_backend.py``; needs the optional
   extra, ``pip install 'gp-loss[ray]'``), with the same failure rules.
 
 An exception raised by ``fn`` is carried by the future (with the worker's traceback as its
@@ -33,101 +34,17 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from ..config import EXECUTOR_KINDS, ConfigError
-
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-_MAX_START_FAILURES = 3  # workers dying before they are ready, in a row, before giving up
-
-
-class WorkerLost(RuntimeError):
-    """The process running an evaluation died, or the executor was shut down under it."""
-
-
-class EvaluationTimeout(WorkerLost):
-    """A hung evaluation: its worker was killed at the hard deadline (never retried)."""
-
-
-class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised in a worker (set as ``__cause__``)."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-def wait_first(futures: Iterable[cf.Future], timeout: float | None = None
-               ) -> tuple[set[cf.Future], set[cf.Future]]:
-    """(done, not_done) as soon as at least one future is done (or ``timeout`` passes)."""
-    done, not_done = cf.wait(list(futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
-    return done, not_done
-
-
-def _set_torch_threads(threads: int) -> None:
-    """Limit torch (and the BLAS/OpenMP below it) to ``threads`` threads; 0 leaves defaults."""
-    if threads <= 0:
-        return
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(threads)
-
-
-class Executor:
-    """Base class: ``submit`` returns a Future; use as a context manager or call ``shutdown``."""
-
-    kind = "base"
-    capacity = 1  # how many evaluations the loop should keep in flight
-
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> cf.Future:
-        """Schedule ``fn(*args, **kwargs)``; the Future carries its result or exception."""
-        raise NotImplementedError
-
-    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
-        """Stop; ``wait`` lets submitted work finish, ``cancel`` drops queued work and
-        abandons running work (its futures fail with WorkerLost)."""
-
-    def __enter__(self) -> "Executor":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        # Leaving by an exception (Ctrl-C included) must not wait for evaluations in flight.
-        self.shutdown(wait=exc_type is None, cancel=exc_type is not None)
-
-
-class SerialExecutor(Executor):
-    """Runs each call in the calling thread at submit time."""
-
-    kind = "serial"
-
-    def __init__(self, threads: int = 1):
-        _set_torch_threads(threads)
-        self._closed = False
-
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> cf.Future:
-        if self._closed:
-            raise RuntimeError("executor is shut down")
-        future: cf.Future = cf.Future()
-        future.set_running_or_notify_cancel()
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as exc:  # KeyboardInterrupt/SystemExit propagate to the driver
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
-        self._closed = True
-
+from .base import (MAX_START_FAILURES, THREAD_ENV, EvaluationTimeout, Executor,
+                   RemoteTraceback, WorkerLost, set_torch_threads)
 
 def _worker_main(conn: multiprocessing.connection.Connection, threads: int,
                  parent_pid: int) -> None:
     """Body of a spawned worker: set threads, report ready, then run tasks until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads > 0:
-        for var in _THREAD_ENV:
+        for var in THREAD_ENV:
             os.environ[var] = str(threads)
 
     def watch_parent() -> None:
@@ -138,7 +55,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, threads: int,
                 os._exit(0)
     threading.Thread(target=watch_parent, daemon=True).start()
     try:
-        _set_torch_threads(threads)
+        set_torch_threads(threads)
     except BaseException:
         conn.send(("init_error", traceback.format_exc()))
         return
@@ -347,7 +264,7 @@ class ProcessExecutor(Executor):
         index = self._workers.index(worker)
         if not worker.ready:
             self._start_failures += 1
-            if self._start_failures >= _MAX_START_FAILURES:
+            if self._start_failures >= MAX_START_FAILURES:
                 self._workers.pop(index)
                 self._give_up(f"workers keep dying at start-up; last: {reason}")
                 return
@@ -399,21 +316,3 @@ def _drop(entry: list, reason: str) -> None:
         entry[1].cancel()
     elif not entry[1].done():
         entry[1].set_exception(WorkerLost(reason))
-
-
-def make_executor(kind: str = "serial", workers: int = 1, threads: int = 1, *, retries: int = 0,
-                  address: str = "", gpus_per_eval: float = 0.0,
-                  timeout_s: float = 0.0) -> Executor:
-    """Build the executor a config asks for (the fields of ``config.ExecutorConfig``);
-    ``retries`` applies to process and ray, ``address``/``gpus_per_eval`` to ray only;
-    ``timeout_s`` (surrogate.timeout_s) gives process workers a hard deadline."""
-    if kind == "serial":
-        return SerialExecutor(threads)
-    if kind == "process":
-        return ProcessExecutor(workers, threads, retries=retries, timeout_s=timeout_s)
-    if kind == "ray":
-        from .ray_backend import RayExecutor  # imports ray, or says how to install it
-
-        return RayExecutor(workers, threads, retries=retries, address=address,
-                           gpus_per_eval=gpus_per_eval)
-    raise ConfigError(f"executor.kind: must be one of {', '.join(EXECUTOR_KINDS)}, got {kind!r}")

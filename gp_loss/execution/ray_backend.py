@@ -1,6 +1,6 @@
 """The Ray executor: evaluations on long-lived Ray actors, one per worker slot.
 
-Built by ``executors.make_executor("ray", ...)`` from ``config.ExecutorConfig`` (workers,
+Built by ``execution.make_executor("ray", ...)`` from ``config.ExecutorConfig`` (workers,
 threads, retries, address, gpus_per_eval); used like the other executors by the evolution loop
 and the protocol commands (``submit`` returns a ``concurrent.futures.Future``; results are
 handled in completion order).
@@ -41,8 +41,8 @@ import threading
 from typing import Any, Callable
 
 from ..config import ConfigError
-from .process import (_MAX_START_FAILURES, _THREAD_ENV, Executor, RemoteTraceback,
-                               WorkerLost, _set_torch_threads)
+from .base import (MAX_START_FAILURES, THREAD_ENV, Executor, RemoteTraceback, WorkerLost,
+                   set_torch_threads)
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ class EvalActor:
         except ValueError:  # not the main thread of this worker: nothing to do
             pass
         if threads > 0:
-            for var in _THREAD_ENV:
+            for var in THREAD_ENV:
                 os.environ[var] = str(threads)
-        _set_torch_threads(threads)
+        set_torch_threads(threads)
 
     def ready(self) -> tuple[int, str]:
         return os.getpid(), socket.gethostname()
@@ -250,7 +250,7 @@ class RayExecutor(Executor):
             return
         self._start_failures += 1
         reason = f"ray actor failed to start: {_first_line(exc)}"
-        if self._start_failures >= _MAX_START_FAILURES:
+        if self._start_failures >= MAX_START_FAILURES:
             self._give_up(f"ray actors keep dying at start-up; last: {reason}")
         else:
             self._replace(slot)

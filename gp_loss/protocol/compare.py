@@ -217,7 +217,7 @@ def compare(losses: Sequence[Loss], cells: Sequence[Cell], seeds: Sequence[int],
             lrs: Sequence[float] = (), executor=None, evaluate_fn: Callable | None = None,
             on_done=None) -> dict:
     """Train every loss in every cell for every seed (and lr); the ``compare --json`` object."""
-    from ..execution.process import make_executor
+    from ..execution import make_executor
     from ..surrogate.fitness import evaluate
 
     evaluate_fn = evaluate_fn or evaluate

@@ -117,7 +117,7 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
     """Run (or resume, or just report) the elimination rounds on a writable run store."""
     import json
 
-    from ..execution.process import make_executor
+    from ..execution import make_executor
     from ..surrogate.fitness import evaluate
     from ..lang.psets import load_pset
 

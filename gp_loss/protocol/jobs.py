@@ -8,7 +8,7 @@ Both train only through ``fitness.evaluate`` (the same worker function the searc
 executor can run it), by way of ``run_jobs`` here; both take a run's best distinct candidates
 from ``RunStore.top`` / ``RunStore.best``; bad input to either is an ``InputError`` (CLI exit 2).
 
-Fed by a run store (``store.py``) and ``executors.py``. Used by ``compare.py`` and
+Fed by a run store (``store.py``) and ``execution/``. Used by ``compare.py`` and
 ``eliminate.py``, which import this module; their public names (``compare``, ``make_loss``,
 ``plan_cells``, ``markdown_table``, ``welch_p``, ``holm``, ``eliminate``, ``resolve_rounds``,
 ...) are re-exported here on first access, so the CLI (``cli_protocol.py``) and
@@ -25,7 +25,7 @@ class InputError(ValueError):
 def run_jobs(jobs: list[tuple], executor, evaluate_fn: Callable, on_done=None) -> list[dict]:
     """Run ``evaluate_fn(*job)`` for every job, ``executor.capacity`` in flight; results in job
     order. An exception carried by a future becomes a failed result."""
-    from ..execution.process import wait_first
+    from ..execution import wait_first
 
     results: list = [None] * len(jobs)
     inflight, queue = {}, list(range(len(jobs)))

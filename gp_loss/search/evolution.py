@@ -45,7 +45,7 @@ from dataclasses import asdict
 from .cache import FitnessCache, default_path, settings_digest
 from ..config import Config, config_to_dict
 from .start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
-from ..execution.process import make_executor, wait_first
+from ..execution import make_executor, wait_first
 from ..surrogate.fitness import evaluate
 from ..lang.psets import load_pset
 from ..runs.store import rank_key, tie_value
