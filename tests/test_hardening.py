@@ -57,3 +57,12 @@ def test_a_too_small_search_space_stops_with_a_reason(tmp_path, monkeypatch):
     assert "too small" in result["stop_reason"]
     # The rejected attempts of the unfinished proposal were kept, not lost.
     assert store.counts()["rejected"] + store.counts()["duplicate"] > 0
+
+
+def test_one_first_line_helper():
+    from gp_loss.errors import describe, first_line
+    exc = ValueError("\n  bad value  \nTraceback lines\n")
+    assert first_line(exc) == "bad value" and describe(exc) == "ValueError: bad value"
+    assert first_line(KeyError()) == "KeyError" and describe(RuntimeError()) == "RuntimeError"
+    assert first_line("x" * 50, 10) == "xxxxxxx..." and len(describe(ValueError("y" * 500), 300)) == 300
+    assert first_line("") == ""

@@ -29,6 +29,7 @@ import traceback
 import click
 
 from .. import __version__
+from ..errors import first_line
 
 log = logging.getLogger("gp_loss")
 
@@ -78,10 +79,10 @@ def translate(exc: Exception) -> click.ClickException:
     """Any exception -> the ClickException carrying its exit code and one-line message."""
     if is_user_error(exc):
         log.debug("bad input", exc_info=exc)
-        return UserError(_one_line(str(exc)) or type(exc).__name__)
+        return UserError(first_line(exc, 380))
     path = write_traceback(exc)
     where = f"full traceback in {path}" if path else "the traceback could not be written"
-    return InternalError(f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); {where}")
+    return InternalError(f"internal error ({type(exc).__name__}: {first_line(str(exc), 380)}); {where}")
 
 
 def stdout_closed() -> bool:
@@ -120,9 +121,6 @@ def end_if_stdout_closed(exc: BaseException) -> None:
     raise click.exceptions.Exit(0)
 
 
-def _one_line(text: str, limit: int = 380) -> str:
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
 _extensions_loaded = False

@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from .app import UserError, cli, json_option, pset_option
-from .run import (_device_option, _fmt, _resolve_device, _set_option, config_option,
-                      data_options, data_overrides, seed_options)
+from .options import (config_option, data_options, data_overrides, device_option, fmt,
+                      resolve_device, seed_options, set_option)
 
 log = logging.getLogger("gp_loss")
 
@@ -76,8 +76,8 @@ def format_compare(res: dict) -> str:
               help="Learning rates to try (repeatable): each loss keeps, per cell, the one with "
                    "the best mean validation accuracy.")
 @config_option()
-@_set_option()
-@_device_option()
+@set_option()
+@device_option()
 @data_options
 @pset_option()
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -133,14 +133,14 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
         losses += C.run_losses(from_run, top)
     if len(losses) < 2:
         raise UserError("nothing to compare with ce: give --loss EXPR or --from-run DIR")
-    dev = _resolve_device(cfg.surrogate.device)
+    dev = resolve_device(cfg.surrogate.device)
     cells = C.plan_cells(cfg, datasets, models, augments, dev, cell_specs=cell_specs)
     seed_list = list(range(first_seed, first_seed + seeds))
 
     def progress(i, n, key, res):
         ci, name, lr, seed = key
         log.info("[%d/%d] %s %s%s seed %d: test %s (%.1fs)%s", i + 1, n, cells[ci].label, name,
-                 f" lr {lr:g}" if lr is not None else "", seed, _fmt(res.get("test_acc")),
+                 f" lr {lr:g}" if lr is not None else "", seed, fmt(res.get("test_acc")),
                  res.get("seconds") or 0.0,
                  "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
     executor = (make_executor("process", workers, cfg.executor.threads,
@@ -205,8 +205,8 @@ def format_rounds(res: dict) -> str:
               help="A TOML file (or a built-in name: paper_eliminate) with an [eliminate] "
                    "table (keep, steps, steps_factor, model, seeds, stages) and optionally "
                    "[surrogate]/[executor] changes for the retraining.")
-@_set_option()
-@_device_option()
+@set_option()
+@device_option()
 @json_option("rounds (members with scores), finalists")
 def eliminate(run_dir, config, sets, device, as_json):
     """Retrain a run's best candidates in rounds of rising fidelity, keeping the best each round.
@@ -243,12 +243,12 @@ def eliminate(run_dir, config, sets, device, as_json):
         # Ray workers resolve "auto" on their own nodes (the driver may have no GPU)
         surrogate = {**asdict(cfg.surrogate), "device": (
             cfg.surrogate.device if cfg.executor.kind == "ray"
-            else _resolve_device(cfg.surrogate.device))}
+            else resolve_device(cfg.surrogate.device))}
         rounds = E.resolve_rounds(table, surrogate)
 
         def progress(rnd, row, res):
             log.info("round %d: candidate %d seed %d: val %s (%.1fs)%s", rnd.index,
-                     row["parent_id"], row["birth"], _fmt(res.get("val_acc")),
+                     row["parent_id"], row["birth"], fmt(res.get("val_acc")),
                      res.get("seconds") or 0.0,
                      "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
         e = cfg.executor

@@ -16,52 +16,13 @@ from pathlib import Path
 import click
 
 from .app import UserError, cli, json_option, pset_option
+from .options import (config_option, data_options, data_overrides, device_option, fmt,
+                      resolve_device, seed_options, set_option)
 
 log = logging.getLogger("gp_loss")
 
 # Settings a resumed run may change: how it runs, not what it computes.
 RESUMABLE_KEYS = ("search.children", "search.max_minutes", "executor.", "surrogate.device")
-
-
-def _set_option():
-    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help="Override a config key (repeatable; the last one wins), "
-                             "e.g. --set search.children=50 --set executor.workers=1.")
-
-
-def _device_option():
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-                        help="Where to train (default: the config's surrogate.device, auto).")
-
-
-def seed_options(default: int):
-    """--seeds N (seeds 0..N-1) and --first-seed S, shared by train and compare."""
-    def wrap(fn):
-        fn = click.option("--first-seed", type=click.IntRange(min=0), default=0,
-                          show_default=True, help="Shift the seeds to S..S+N-1.")(fn)
-        return click.option("--seeds", type=click.IntRange(min=1), default=default,
-                            show_default=True,
-                            help="Number of seeds: 0..N-1 (shifted by --first-seed).")(fn)
-    return wrap
-
-
-def config_option():
-    return click.option("--config", "config", default=None, metavar="CONFIG.toml",
-                        help="Take the surrogate settings from this config (default: quick).")
-
-
-def data_options(fn):
-    """--data-root / --download, shared by the commands that train."""
-    fn = click.option("--download", is_flag=True, default=False,
-                      help="Let torchvision download a missing dataset (needs internet).")(fn)
-    return click.option("--data-root", "data_root", default=None, metavar="DIR",
-                        help="Folder holding torchvision datasets (cifar10, cifar100, mnist, "
-                             "fashionmnist); default: the config's surrogate.data_root.")(fn)
-
-
-def data_overrides(data_root, download) -> list:
-    out = [f"surrogate.data_root={json.dumps(str(data_root))}"] if data_root else []
-    return out + (["surrogate.download=true"] if download else [])
 
 
 def _set_threads(threads: int) -> None:
@@ -71,15 +32,6 @@ def _set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _resolve_device(name: str) -> str:
-    from ..surrogate.data import resolve_device
-
-    try:
-        return str(resolve_device(name))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
 
 
 def config_warnings(cfg) -> list[str]:
@@ -130,8 +82,8 @@ def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
 @click.argument("config", required=False, metavar="[CONFIG.toml]")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Where the run store goes (default: runs/<timestamp>). Must not hold a run.")
-@_set_option()
-@_device_option()
+@set_option()
+@device_option()
 @data_options
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Rows of the final table.")
@@ -169,7 +121,7 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     run_dir = Path(run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if RunStore.exists(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with: gp-loss resume {run_dir}")
-    dev = _resolve_device(cfg.surrogate.device)
+    dev = resolve_device(cfg.surrogate.device)
     from ..config import config_to_dict
     from ..surrogate.fitness import preflight
 
@@ -192,8 +144,8 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@_set_option()
-@_device_option()
+@set_option()
+@device_option()
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 def resume(run_dir, sets, device, top):
     """Continue an interrupted (or finished) search with its stored config.
@@ -226,7 +178,7 @@ def resume(run_dir, sets, device, top):
                 store.set_meta("config", config_to_dict(cfg))
                 history = store.meta().get("resumes", [])
                 store.set_meta("resumes", history + [{"time": time.time(), "set": overrides}])
-        _resolve_device(cfg.surrogate.device)
+        resolve_device(cfg.surrogate.device)
         quiet = log.getEffectiveLevel() > logging.INFO
         _run_search(store, cfg, run_dir, top, quiet)
     finally:
@@ -317,8 +269,8 @@ def plot(run_dir, out_dir, top, dpi):
 @click.option("--model", default=None, help="Model (default: the config's; tiny).")
 @seed_options(default=1)
 @config_option()
-@_set_option()
-@_device_option()
+@set_option()
+@device_option()
 @data_options
 @pset_option()
 @json_option("runs (seed, val_acc, test_acc, seconds), test_acc_mean, test_acc_std")
@@ -355,7 +307,7 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     from ..surrogate.fitness import preflight
 
     surrogate = asdict(cfg.surrogate)
-    surrogate["device"] = _resolve_device(cfg.surrogate.device)
+    surrogate["device"] = resolve_device(cfg.surrogate.device)
     preflight(surrogate)
     _set_threads(cfg.executor.threads)
     text = to_text(tree, ps)
@@ -370,8 +322,8 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
                      "seconds": res.get("seconds"), "status": res.get("status"),
                      "reason": res.get("reason")})
         if not as_json:
-            click.echo(f"seed {seed}: val_acc {_fmt(res.get('val_acc'))}  test_acc "
-                       f"{_fmt(res.get('test_acc'))}  ({res.get('seconds', 0):.1f}s)"
+            click.echo(f"seed {seed}: val_acc {fmt(res.get('val_acc'))}  test_acc "
+                       f"{fmt(res.get('test_acc'))}  ({res.get('seconds', 0):.1f}s)"
                        + (f"  FAILED: {res.get('reason')}" if res.get("status") != "ok" else ""))
     tests = [r["test_acc"] for r in runs if r["test_acc"] is not None]
     mean = statistics.fmean(tests) if tests else None
@@ -382,9 +334,4 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(f"test_acc {_fmt(mean)} ± {_fmt(std)} over {len(tests)} seed(s)")
-
-
-def _fmt(v):
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
+        click.echo(f"test_acc {fmt(mean)} ± {fmt(std)} over {len(tests)} seed(s)")

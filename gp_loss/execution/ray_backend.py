@@ -43,6 +43,7 @@ from typing import Any, Callable
 from ..config import ConfigError
 from .base import (MAX_START_FAILURES, THREAD_ENV, Executor, RemoteTraceback, WorkerLost,
                    set_torch_threads)
+from ..errors import describe, first_line
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,8 @@ class RayExecutor(Executor):
         try:
             self._ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"executor.address = {address!r}: cannot connect to a Ray "
-                              f"cluster: {text}") from None
+                              f"cluster: {first_line(exc)}") from None
 
     def _check_gpus(self, gpus_per_eval: float, local: bool) -> None:
         if gpus_per_eval <= 0:
@@ -249,7 +249,7 @@ class RayExecutor(Executor):
             slot.ready, self._start_failures = True, 0
             return
         self._start_failures += 1
-        reason = f"ray actor failed to start: {_first_line(exc)}"
+        reason = f"ray actor failed to start: {describe(exc, 300)}"
         if self._start_failures >= MAX_START_FAILURES:
             self._give_up(f"ray actors keep dying at start-up; last: {reason}")
         else:
@@ -328,10 +328,7 @@ def _death_reason(exc: BaseException) -> str:
     text, head = str(exc), "The actor is dead because "
     at = text.find(head)
     if at < 0:
-        return _first_line(exc)
+        return describe(exc, 300)
     return text[at + len(head):].split(" Some common causes")[0].split("\n")[0][:300]
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]

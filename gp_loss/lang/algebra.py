@@ -38,22 +38,22 @@ def _neg(x):
     return sympy.Add(*[-t for t in x.args]) if x.is_Add else -x
 
 
-def _nonneg(x) -> bool:
+def nonneg(x) -> bool:
     """Structurally >= 0 for every real value of the symbols (every expression here is real)."""
     if x.is_Number:
         return x >= 0
     if x == P or isinstance(x, (kabs, sympy.exp, ksig, kI0)):
         return True
     if isinstance(x, _ODD_INCREASING):   # odd and increasing: >= 0 exactly where x >= 0
-        return _nonneg(x.args[0])
+        return nonneg(x.args[0])
     if isinstance(x, kmax):
-        return any(_nonneg(a) for a in x.args)
+        return any(nonneg(a) for a in x.args)
     if isinstance(x, kmin):
-        return all(_nonneg(a) for a in x.args)
+        return all(nonneg(a) for a in x.args)
     if x.is_Pow:
-        return (x.exp.is_Integer and x.exp.is_even) or _nonneg(x.base)
+        return (x.exp.is_Integer and x.exp.is_even) or nonneg(x.base)
     if x.is_Mul or x.is_Add:
-        return all(_nonneg(a) for a in x.args)
+        return all(nonneg(a) for a in x.args)
     return False
 
 
@@ -73,7 +73,7 @@ class kabs(sympy.Function):
     def eval(cls, x):
         if x.is_Number:
             return abs(x)
-        if isinstance(x, kabs) or _nonneg(x):
+        if isinstance(x, kabs) or nonneg(x):
             return x
         if x.could_extract_minus_sign():
             return cls(_neg(x))
@@ -81,9 +81,9 @@ class kabs(sympy.Function):
         if s:
             return s * x
         if x.is_Mul:
-            pos = [f for f in x.args if _nonneg(f)]
+            pos = [f for f in x.args if nonneg(f)]
             if pos:
-                return sympy.Mul(*pos) * cls(sympy.Mul(*[f for f in x.args if not _nonneg(f)]))
+                return sympy.Mul(*pos) * cls(sympy.Mul(*[f for f in x.args if not nonneg(f)]))
         return None
 
 
@@ -119,9 +119,9 @@ class _MinMax(sympy.Function):
             if x in (sympy.oo, -sympy.oo):
                 return x if (x == sympy.oo) == cls.is_max else other
         s = _linear_unit_sign(a - b)   # p <= 1 decides e.g. max(1, p) = 1
-        if not s and b == 0 and _nonneg(a):
+        if not s and b == 0 and nonneg(a):
             s = 1
-        if not s and a == 0 and _nonneg(b):
+        if not s and a == 0 and nonneg(b):
             s = -1
         if s:
             return a if (s > 0) == cls.is_max else b

@@ -30,7 +30,7 @@ from .algebra import P, kabs
 from .lowering import (EXACT_EPS, RTOL, Unevaluable, agree, domain, evaluate, lower,
                        bottom_up, near_zeros, on_domain, round_constants)
 from .psets import load_pset
-from .symbolic import _bad, _walk, to_sympy
+from .symbolic import is_unusable, build_bindings, to_sympy
 from .trees import to_text
 
 TIDY_MAX_OPS = 60   # factor_terms is tried on shown expressions at most this large
@@ -304,7 +304,7 @@ def per_class(tree, pset="paper", sign: int = 1):
         return None
 
     def make():
-        f1, f0 = _walk(tree, pset, ys=(1, 0), constants="float")
+        f1, f0 = build_bindings(tree, pset, ys=(1, 0), constants="float")
         # Exact texts: rational constants exact, others symbols while lowering decides (SymPy's
         # exact evaluation of transcendental constants can run for minutes), then shown as
         # their exact value, unevaluated (sigmoid(1), not 0.731059); a constant the loss
@@ -314,11 +314,11 @@ def per_class(tree, pset="paper", sign: int = 1):
         exact = [None, None]
         if len(tree) <= EXACT_MAX_SIZE:
             try:
-                exact = _walk(tree, pset, ys=(1, 0), constants="atoms_shown", labels=labels,
+                exact = build_bindings(tree, pset, ys=(1, 0), constants="atoms_shown", labels=labels,
                               exact=forms)
                 worst = {sympy.Symbol(k, real=True): _nonfinite(v) for k, v in labels.items()
                          if not math.isfinite(v)}
-                exact = [None if _bad(e) else _signed(sign, e.xreplace(worst)) for e in exact]
+                exact = [None if is_unusable(e) else _signed(sign, e.xreplace(worst)) for e in exact]
             except (ValueError, TypeError, ArithmeticError, RecursionError):
                 exact = [None, None]
         p_only = {"p": domain(per_sample=False)["p"]}

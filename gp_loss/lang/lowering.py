@@ -23,7 +23,7 @@ import numpy as np
 import sympy
 from scipy import special as sps
 
-from .algebra import _nonneg, kabs, kI0, kI1, kmax, kmin, ksig
+from .algebra import nonneg, kabs, kI0, kI1, kmax, kmin, ksig
 from .ops import EPS, REDUCTIONS, plog, precip
 
 RTOL = 1e-6          # what a shown formula promises (relative; see ``agree``)
@@ -327,13 +327,13 @@ def _sign_on(x, dom) -> int:
 
 def _eps_form(node, arg, eps):
     if node.func is plog:
-        return sympy.log((arg if _nonneg(arg) else kabs(arg)) + eps)
+        return sympy.log((arg if nonneg(arg) else kabs(arg)) + eps)
     return 1 / (arg + eps)
 
 
 def _plain_form(node, arg):
     if node.func is plog:
-        return sympy.log(arg if _nonneg(arg) else kabs(arg))
+        return sympy.log(arg if nonneg(arg) else kabs(arg))
     return 1 / arg
 
 

@@ -148,7 +148,8 @@ def _leaf(node, pset, y, mode):
     return _Val(r, _label(r), float(node.value), r)
 
 
-def _walk(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None, exact=None):
+def build_bindings(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None,
+                   exact=None):
     """Iterative post-order build, once per binding of y in ``ys`` (None: the symbol y).
 
     ``reduce(name, args)`` (args: per-argument lists of one expression per binding) replaces
@@ -199,7 +200,7 @@ def to_sympy(tree, pset="paper", constants: str = "exact") -> sympy.Expr:
     symbols named by their text; 'float' into float64 values (display); 'atoms_shown' as
     'atoms' but with the display's readable forms (``formula.per_class``'s exact text).
     """
-    return _walk(tree, load_pset(pset), constants=constants)[0]
+    return build_bindings(tree, load_pset(pset), constants=constants)[0]
 
 
 # ----------------------------------------------------------------------------- typed reductions
@@ -231,7 +232,7 @@ def _reduce_onehot(name, args):
 
 # ----------------------------------------------------------------------------- the key
 
-def _bad(expr) -> bool:
+def is_unusable(expr) -> bool:
     return expr.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan)
 
 
@@ -242,20 +243,20 @@ def _digest(pset, *parts) -> str:
 
 def _key_of(tree, pset, sign):
     if pset.class_sum and {"y", "p"} <= set(pset.terminals):
-        f1, f0 = _walk(tree, pset, ys=(1, 0), constants="atoms")
+        f1, f0 = build_bindings(tree, pset, ys=(1, 0), constants="atoms")
         g1 = _drop(normal_form(sign * (f1 - f0)), affine=False)
         g0 = _drop(normal_form(sign * f0), affine=True)
-        if _bad(g1) or _bad(g0):
+        if is_unusable(g1) or is_unusable(g0):
             return None
         if g1 == 0 and g0 == 0:
             return f"{pset.name}:constant"
         return _digest(pset, "g1", sympy.srepr(g1), "g0", sympy.srepr(g0))
     onehot = {"y", "p"} <= set(pset.terminals) and not pset.class_sum
     if onehot:
-        root = _walk(tree, pset, ys=(1, 0), reduce=_reduce_onehot, constants="atoms")[0]
+        root = build_bindings(tree, pset, ys=(1, 0), reduce=_reduce_onehot, constants="atoms")[0]
     else:
-        root = _walk(tree, pset, constants="atoms")[0]
-    if _bad(root):
+        root = build_bindings(tree, pset, constants="atoms")[0]
+    if is_unusable(root):
         return None
     root = _drop(normal_form(sign * root), affine=False, onehot=onehot)
     if root == 0:

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import describe
+
+
 class InputError(ValueError):
     """Bad input to the protocol (unknown loss/dataset/model, bad rounds); CLI exit 2."""
 
@@ -46,5 +49,5 @@ def _result(fut) -> dict:
     try:
         return fut.result()
     except Exception as exc:  # a lost worker fails that run only
-        return {"status": "failed", "reason": f"error: {type(exc).__name__}: {exc}"[:300],
+        return {"status": "failed", "reason": "error: " + describe(exc, 293),
                 "fitness": 0.0, "val_acc": None, "test_acc": None, "seconds": None}

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, check_fractions
+from ..errors import first_line
 
 __all__ = ["Splits", "DATASETS", "LAYOUTS", "DataError", "load_splits", "resolve_device",
            "default_data_root"]
@@ -147,8 +148,7 @@ def _load_torchvision(name: str, data_root: str, download: bool) -> tuple:
     try:
         parts = [cls(str(root), train=t, download=download) for t in (True, False)]
     except (RuntimeError, OSError, ValueError, EOFError) as exc:  # corrupt or half-copied files
-        raise DataError(f"{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                        ) from exc
+        raise DataError(f"{hint}: {first_line(exc)}") from exc
     xs, ys = [], []
     for ds in parts:
         data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from ..errors import first_line
+
 
 def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: int = 1,
              with_test: bool = False) -> dict:
@@ -65,5 +67,4 @@ def preflight(surrogate: dict) -> None:
     except ConfigError:
         raise
     except (ValueError, KeyError, OSError) as exc:
-        text = str(exc).strip()
-        raise ConfigError(text.splitlines()[0] if text else type(exc).__name__) from None
+        raise ConfigError(first_line(exc)) from None

@@ -79,6 +79,7 @@ from ..config import SurrogateConfig, check_stages
 from .augment import augment_batch, resize
 from .data import load_splits, resolve_device
 from .models import build_model
+from ..errors import describe
 
 __all__ = ["train_candidate", "lr_schedule"]
 
@@ -203,9 +204,7 @@ def error_reason(exc: BaseException) -> str:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return "out_of_memory"
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    reason = f"error: {type(exc).__name__}: {msg}" if msg else f"error: {type(exc).__name__}"
-    return reason if len(reason) <= 200 else reason[:197] + "..."
+    return "error: " + describe(exc, 193)
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: dict, dev: torch.device):
