@@ -25,7 +25,8 @@ import formula_oracle as O  # noqa: E402
 from gp_loss.lang import formula as F  # noqa: E402
 from gp_loss.lang.psets import load_pset  # noqa: E402
 from gp_loss.runs.store import RunStore  # noqa: E402
-from gp_loss.lang.trees import parse, random_tree  # noqa: E402
+from gp_loss.lang.trees import parse  # noqa: E402
+from gp_loss.lang.variation import random_tree  # noqa: E402
 
 
 def _timed_failures(trees, pset, label):

@@ -34,7 +34,7 @@ from gp_loss.lang import codegen  # noqa: E402
 
 EPS = 1e-7
 
-# Two random trees of the paper set, from trees.random_tree(paper, random.Random(SEED),
+# Two random trees of the paper set, from variation.random_tree(paper, random.Random(SEED),
 # min_height=4, max_height=5): the first seeds whose tree has 14-22 nodes and passes screening.
 RAND43 = "mul(sqrt(inv1p(mul(-1, y))), div(add(sqrt(-1), dtanh(p)), exp(inv1p(y))))"
 RAND53 = "mul(div(max(isru(1, -1), log(y)), sin(square(p))), i0(exp(sin(y))))"

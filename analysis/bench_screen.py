@@ -2,7 +2,7 @@
 
     .venv/bin/python analysis/bench_screen.py [--n 10000] [--seed 0] [--threads 1]
 
-* ``n`` random ``paper`` trees (``trees.random_tree``, fixed seed) go through
+* ``n`` random ``paper`` trees (``variation.random_tree``, fixed seed) go through
   ``screen.screen`` (integrity check, dependence, finiteness: one compile + one evaluation
   each). Reported: the fraction rejected, counts by reason, and ms per candidate (the median
   over chunks of 250, so a burst of load elsewhere on the machine does not dominate; the plain
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gp_loss.lang import symbolic, trees  # noqa: E402
+from gp_loss.lang import symbolic, trees, variation  # noqa: E402
 from gp_loss.screen import integrity as screen  # noqa: E402
 from gp_loss.lang.psets import load_pset  # noqa: E402
 
@@ -41,7 +41,7 @@ ZOO = ("ce", "baikal", "focal", "mse")
 
 def bench_screen(ps, n, seed, chunk=250):
     rng = random.Random(seed)
-    candidates = [trees.random_tree(ps, rng) for _ in range(n)]
+    candidates = [variation.random_tree(ps, rng) for _ in range(n)]
     screen.screen(candidates[0], ps)  # build the probe batch, warm caches
     reasons = collections.Counter()
     chunk_ms, accepted = [], []
@@ -66,7 +66,7 @@ def accepted_pool(ps, start, size, seed):
     pool = list(start)
     parents = [trees.parse(z, ps) for z in ZOO] + [t for t, _ in start]
     while len(pool) < size:
-        child, _kind = trees.mutate(rng.choice(parents), ps, rng)
+        child, _kind = variation.mutate(rng.choice(parents), ps, rng)
         if child is None:
             continue
         r = screen.screen(child, ps)
@@ -84,7 +84,7 @@ def bench_novelty(ps, pool, members=100, history=2000, queries=300, seed=1):
     member_trees = [t for t, _ in pool[:members]]
     children = []
     while len(children) < queries:
-        child, _kind = trees.mutate(rng.choice(member_trees), ps, rng)
+        child, _kind = variation.mutate(rng.choice(member_trees), ps, rng)
         if child is None:
             continue
         r = screen.screen(child, ps)

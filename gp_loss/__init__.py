@@ -35,8 +35,8 @@ class InputError(ValueError):
 # name -> (module, attribute), resolved on first access by the module ``__getattr__``.
 _LAZY = {
     "ParseError": ("lang.trees", "ParseError"),
-    "random_tree": ("lang.trees", "random_tree"),
-    "mutate": ("lang.trees", "mutate"),
+    "random_tree": ("lang.variation", "random_tree"),
+    "mutate": ("lang.variation", "mutate"),
     "PSetError": ("lang.psets", "PSetError"),
     "load_pset": ("lang.psets", "load_pset"),
     "available_psets": ("lang.psets", "available_psets"),

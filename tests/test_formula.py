@@ -8,7 +8,8 @@ import pytest
 
 from gp_loss.lang import formula as F
 from gp_loss.lang.psets import load_pset
-from gp_loss.lang.trees import parse, random_tree
+from gp_loss.lang.trees import parse
+from gp_loss.lang.variation import random_tree
 
 import formula_oracle as O
 

@@ -10,8 +10,8 @@ from deap import gp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gp_loss.lang.psets import load_pset
-from gp_loss.lang.trees import (MUTATIONS, MAX_TEXT, ParseError, mutate, parse, random_tree,
-                           to_text)
+from gp_loss.lang.trees import MAX_TEXT, ParseError, parse, to_text
+from gp_loss.lang.variation import MUTATIONS, mutate, random_tree
 
 PSETS = ("paper", "typed")
 SETTINGS = settings(max_examples=150, derandomize=True, deadline=None,

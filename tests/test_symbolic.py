@@ -23,7 +23,8 @@ from gp_loss.lang import formula as F
 from gp_loss.lang import symbolic as S
 from gp_loss.lang.ops import plog
 from gp_loss.lang.psets import load_pset
-from gp_loss.lang.trees import mutate, parse, random_tree, to_text
+from gp_loss.lang.trees import parse, to_text
+from gp_loss.lang.variation import mutate, random_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = tomllib.loads((ROOT / "tests" / "equivalence_set.toml").read_text())["pair"]
@@ -191,7 +192,7 @@ def test_key_deterministic_across_processes_and_hash_seeds():
     script = (
         "import json, random, sys\n"
         "from gp_loss.lang import formula as F, symbolic as S\n"
-        "from gp_loss.lang.trees import random_tree, parse\n"
+        "from gp_loss.lang.trees import parse\nfrom gp_loss.lang.variation import random_tree\n"
         "out = []\n"
         "for name, n in (('paper', 100), ('typed', 40)):\n"
         "    rng = random.Random(7)\n"

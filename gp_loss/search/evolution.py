@@ -49,7 +49,8 @@ from ..execution import make_executor, wait_first
 from ..surrogate.fitness import evaluate
 from ..lang.psets import load_pset
 from ..runs.store import rank_key, tie_value
-from ..lang.trees import mutate, parse, to_text
+from ..lang.trees import parse, to_text
+from ..lang.variation import mutate
 
 log = logging.getLogger("gp_loss.search")
 

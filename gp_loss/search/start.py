@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 
 from ..runs.store import row_rank_key, tie_value
-from ..lang.trees import parse, random_tree, to_text
+from ..lang.trees import parse, to_text
+from ..lang.variation import random_tree
 
 log = logging.getLogger("gp_loss.search")
 
