@@ -391,23 +391,18 @@ def test_fitness_ties_go_to_the_lower_validation_nll(tmp_path, monkeypatch):
         assert parent["result"]["val_nll"] == pytest.approx((first + second) / 2)
 
 
-def test_tournament_ties_go_to_the_lower_validation_nll(tmp_path):
+def test_tournament_ties_go_to_the_lower_validation_nll():
     import random
 
+    from gp_loss.search.population import Population
     from gp_loss.search.start import Cand
 
-    cfg = make_cfg("search.tournament=40")
-    store = evo.start_run(tmp_path / "run", cfg)
-    try:
-        search = evo.Evolution(store, cfg)
-        search.members = {i: Cand(i, None, f"k{i}", None, None, 1, fitness=fit, val_nll=nll)
-                          for i, fit, nll in [(1, 0.9, 0.5), (2, 0.9, None), (3, 0.9, 0.3),
-                                              (4, 0.8, 0.1)]}
-        assert search._tournament(random.Random(0)).id == 3
-        del search.members[3]
-        assert search._tournament(random.Random(0)).id == 1  # a missing NLL loses the tie
-    finally:
-        store.close()
+    pop = Population(4)
+    for i, fit, nll in [(1, 0.9, 0.5), (2, 0.9, None), (3, 0.9, 0.3), (4, 0.8, 0.1)]:
+        pop.add(Cand(i, None, f"k{i}", None, None, 1, fitness=fit, val_nll=nll))
+    assert pop.tournament(random.Random(0), 40).id == 3
+    del pop.members[3]
+    assert pop.tournament(random.Random(0), 40).id == 1  # a missing NLL loses the tie
 
 
 # --------------------------------------------------------------------------- real, via the CLI
@@ -583,3 +578,38 @@ def test_config_warnings_are_logged_once_naming_the_keys(runner, tmp_path, monke
     assert quiet.exit_code == 0 and "search.tournament" not in quiet.stderr
     assert "paper set, digits/tiny, 5 initial" in quiet.stderr  # the header: one model name
     assert "prescreen_steps" not in quiet.stderr
+
+
+def test_population_core_is_pure_and_follows_aging_evolution():
+    """The aging-evolution core alone (search/population.py): no store, no screening."""
+    import random as _random
+    from dataclasses import dataclass
+
+    from gp_loss.search.population import Population
+
+    @dataclass
+    class M:
+        id: int
+        age: int
+        fitness: float
+        val_nll: float | None = None
+
+    pop = Population(3)
+    for m in (M(1, 0, 0.5), M(2, 0, 0.9), M(3, 0, 0.7)):
+        assert pop.insert(m) is None
+    # Tournament: best of k drawn with replacement; k = 1 is a uniform draw over members.
+    rng = _random.Random(0)
+    assert {pop.tournament(rng, 1).id for _ in range(200)} == {1, 2, 3}
+    assert pop.tournament(_random.Random(1), 60).id == 2          # k >> n: the best wins
+    # Equal fitness: the lower validation NLL, then the lower id.
+    tie = Population(2)
+    tie.add(M(7, 0, 0.8, 0.30))
+    tie.add(M(5, 0, 0.8, 0.20))
+    assert tie.tournament(_random.Random(2), 50).id == 5
+    # Insert beyond capacity removes the oldest; among the equally old, the worst.
+    assert pop.insert(M(4, 1, 0.1)).id == 1                      # ages 0: fitness 0.5 worst
+    assert pop.insert(M(5, 2, 0.2)).id == 3
+    assert sorted(m.id for m in pop) == [2, 4, 5] and len(pop) == 3
+    assert pop.insert(M(6, 3, 0.3)).id == 2                      # the best ages out too
+    with pytest.raises(ValueError):
+        Population(0)

@@ -43,6 +43,7 @@ import time
 from dataclasses import asdict
 
 from .cache import FitnessCache, default_path, settings_digest
+from .population import Population
 from ..config import Config, config_to_dict
 from .start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
 from ..execution import make_executor, wait_first
@@ -74,7 +75,7 @@ class Evolution(StartPhases):
         self.seed_eval_config = asdict(cfg.initial_surrogate())
         self.first_phase = "seeding" if self.cheap else "initial"  # where random trees go
         self.weights = asdict(s.mutation)
-        self.members: dict[int, Cand] = {}   # population (ids -> Cand)
+        self.population = Population(cfg.search.population)   # the aging-evolution core
         self.queue: list = []                # stored pending evaluations not yet submitted
         self.promoted: set = set()           # members already given more seeds
         self.inflight: dict = {}             # future -> (candidate id, Cand or None)
@@ -146,8 +147,13 @@ class Evolution(StartPhases):
         # str seeds are hashed with SHA-512 by random.seed: stable across processes/PYTHONHASHSEED
         return random.Random("/".join(str(p) for p in (self.cfg.search.seed,) + parts))
 
+    @property
+    def members(self) -> dict:
+        """The population's members by id (read-only view for the start phases)."""
+        return self.population.members
+
     def _add_member(self, cand: Cand):
-        self.members[cand.id] = cand
+        self.population.add(cand)
         self.pool.add(cand.id, cand.key, cand.fingerprint)
 
     def _add_past(self, cand: Cand, row: dict):
@@ -186,7 +192,7 @@ class Evolution(StartPhases):
         tol = self.cfg.search.phenotype_tolerance
         phen = self.novelty.phenotype(scr.curve, scr.sign)
         if tol > 0 and phen is not None:
-            others = [c.phenotype for c in self.members.values() if c.phenotype is not None]
+            others = [c.phenotype for c in self.population if c.phenotype is not None]
             if self.novelty.near_duplicate(phen, others, tol):
                 return "near_duplicate", "phenotype within tolerance", (scr, key)
         past = self.past.find(key, scr.fingerprint)
@@ -203,17 +209,12 @@ class Evolution(StartPhases):
                     engine_seconds=secs)
 
     # ------------------------------------------------------------------ proposals
-    def _tournament(self, rng) -> Cand:
-        ids = sorted(self.members)
-        picks = [self.members[rng.choice(ids)] for _ in range(self.cfg.search.tournament)]
-        return min(picks, key=lambda c: rank_key(c.fitness, c.val_nll, c.id))
-
     def _propose_child(self):
         s, n = self.cfg.search, self.next_birth
         rows, t0 = [], time.perf_counter()
         for rnd in range(MAX_ROUNDS):
             rng = self._rng("child", n, rnd)
-            parent = self._tournament(rng)
+            parent = self.population.tournament(rng, s.tournament)
             for _ in range(s.max_retries):
                 t1 = time.perf_counter()
                 child, kind = mutate(parent.tree, self.pset, rng, self.weights)
@@ -285,16 +286,11 @@ class Evolution(StartPhases):
     def _insert(self, cand: Cand):
         """Add a successful child to the population and age out the oldest (in a transaction)."""
         self.store.add_member(cand.id, cand.age)
-        self._add_member(cand)
+        self.pool.add(cand.id, cand.key, cand.fingerprint)
+        oldest = self.population.insert(cand)
         self._note_best(cand.fitness, cand.tree)
-        if len(self.members) > self.cfg.search.population:
-            # the oldest; among equally old ones the worst: lowest fitness, then the higher
-            # (or missing) validation NLL, then the lowest id
-            oldest = min(self.members.values(),
-                         key=lambda c: (c.age, c.fitness, c.val_nll is not None,
-                                        -(c.val_nll or 0.0), c.id))
+        if oldest is not None:
             self.store.remove_member(oldest.id)
-            del self.members[oldest.id]
             self.pool.remove(oldest.id)
             self._add_past(oldest, self.store.candidate(oldest.id))
         self._promote(cand.age)

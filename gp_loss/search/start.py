@@ -157,7 +157,7 @@ class StartPhases:
             self._state()
         self.pool, self.past, self.past_rows = (self.novelty.NoveltyIndex(),
                                                 self.novelty.NoveltyIndex(), {})
-        self.members = {}
+        self.population.clear()
         self._load()
         log.info("initial population: %d members, best fitness %.4f", len(keep),
                  keep[0]["fitness"])
