@@ -1,6 +1,6 @@
 """gp-loss: discover loss functions for image classifiers by genetic programming.
 
-The Python API; the ``gp-loss`` command line (``cli.py``) is a thin layer over it::
+The Python API; the ``gp-loss`` command line (``cli/``) is a thin layer over it::
 
     import gp_loss
     gp_loss.check("neg(mul(y, log(p)))")        # {'accepted': True, 'reason': ..., 'sign': 1}
@@ -11,7 +11,7 @@ The Python API; the ``gp-loss`` command line (``cli.py``) is a thin layer over i
 
 Expressions are text (``neg(mul(y, log(p)))``, a zoo name such as ``baikal``) or parsed
 ``deap.gp.PrimitiveTree`` objects; ``pset`` is a set name (``paper``, ``typed``), a ``.toml``
-path or a loaded :class:`~gp_loss.psets.PSet`. Heavy modules (torch, sympy, deap) are imported
+path or a loaded :class:`~gp_loss.lang.psets.PSet`. Heavy modules (torch, sympy, deap) are imported
 on first use, so ``import gp_loss`` and ``gp-loss --help`` stay fast.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Protocol commands of the ``gp-loss`` CLI: ``compare`` (transfer tables) and ``eliminate``.
 
-Registered on the group of ``cli.py`` (which owns error handling and exit codes) through
-``cli.EXTENSIONS``; thin layers over ``protocol/compare.py`` and ``protocol/eliminate.py``, which documents the statistics and the
+Registered on the group of ``cli/app.py`` (which owns error handling and exit codes) through
+``app.EXTENSIONS``; thin layers over ``protocol/compare.py`` and ``protocol/eliminate.py``, which documents the statistics and the
 elimination rounds.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run commands of the ``gp-loss`` CLI: search, resume, show, plot, train.
 
-Registered on the group of ``cli.py`` (which owns error handling and exit codes). Thin layers
+Registered on the group of ``cli/app.py`` (which owns error handling and exit codes). Thin layers
 over ``evolution`` (search/resume), ``report`` (show), ``plots`` (plot) and ``fitness`` (train).
 """
 from __future__ import annotations

@@ -3,20 +3,20 @@
 * Opaque functions ``kabs``, ``kmax``/``kmin``, ``ksig``, ``kerf``, ``ksin``, ``ksinh``,
   ``kasinh``, ``katan``, ``kI0``, ``kI1``: SymPy's own Abs/Max/erf/besseli run assumption
   queries that can take seconds; these evaluate only exact, cheap identities (|x| and max/min
-  decided on p in [0, 1], odd/even functions, sigmoid(-x) = 1 - sigmoid(x)). ``_KEY_FORMS`` maps
-  op names to them (tanh = 2 sigmoid(2x) - 1, ...); ``_DISPLAY_FORMS`` is the readable subset the
+  decided on p in [0, 1], odd/even functions, sigmoid(-x) = 1 - sigmoid(x)). ``KEY_FORMS`` maps
+  op names to them (tanh = 2 sigmoid(2x) - 1, ...); ``DISPLAY_FORMS`` is the readable subset the
   display uses (``formula.py``'s printers name them back).
 * ``normal_form(expr)``: a bounded expansion (``MAX_TERMS``) plus exact rewrites (1/(1 + exp(t))
   = sigmoid(-t), A/(1 + A) = 1 - 1/(1 + A), ln(||x|| + eps) = ln(|x| + eps), ...), bottom-up and
   iterative; deterministic. Work is bounded by expression size, never by time.
-* ``_drop``: additive terms that cannot change the oriented gradient (p-free terms; c*p when
+* ``drop_free_terms``: additive terms that cannot change the oriented gradient (p-free terms; c*p when
   sum_c p_c = 1).
 
 ``P`` is the softmax-output symbol (positive: p in (0, 1], so |p| = p, max(p, 0) = p hold). The
 protected operations stay opaque (``plog``, ``precip``), so identities that eps makes false are
 never applied.
 
-Fed by ``primitives.py`` (``EPS``, ``plog``); used by ``symbolic.py`` (tree -> SymPy, keys).
+Fed by ``ops.py`` (``EPS``, ``plog``); used by ``symbolic.py`` (tree -> SymPy, keys).
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ _ODD_INCREASING = (kerf, ksinh, kasinh, katan, kI1, sympy.sinh, sympy.tanh, symp
                    sympy.asinh, sympy.erf)
 
 # The key path's forms of the ops SymPy would otherwise run assumption queries on.
-_KEY_FORMS = {
+KEY_FORMS = {
     "erf": kerf,
     "erfc": lambda x: 1 - kerf(x),
     "sin": ksin,
@@ -181,31 +181,31 @@ _KEY_FORMS = {
     "dtanh": lambda x: 1 - (2 * ksig(2 * x) - 1) ** 2,
 }
 # Display uses the cheap, readable ones of these (formula.py's printers name them back).
-_DISPLAY_FORMS = {k: _KEY_FORMS[k] for k in (
+DISPLAY_FORMS = {k: KEY_FORMS[k] for k in (
     "abs", "relu", "negrelu", "max", "min", "sqrt", "inv1p", "softsign", "i0", "i1", "i0e", "i1e",
     "sigmoid", "dsigmoid")}
 
 
 # ----------------------------------------------------------------------------- bounded normal form
 
-def _terms(e):
+def add_terms(e):
     return sympy.Add.make_args(e)
 
 
 def _distribute(factors):
     """Product of sums as one expanded sum, or None when it would exceed MAX_TERMS."""
-    if math.prod(len(_terms(f)) for f in factors) > MAX_TERMS:
+    if math.prod(len(add_terms(f)) for f in factors) > MAX_TERMS:
         return None
     acc = [sympy.Integer(1)]
     for f in factors:
-        acc = [a * t for a in acc for t in _terms(f)]
+        acc = [a * t for a in acc for t in add_terms(f)]
     return sympy.Add(*acc)
 
 
 def _linear_unit_sign(e):
     """+1 / -1 when ``e`` = a + b*p (rational a, b) is >= 0 / <= 0 on all of [0, 1], else 0."""
     a = b = sympy.Integer(0)
-    for term in _terms(e):
+    for term in add_terms(e):
         coeff, dep = term.as_independent(P, as_Add=False)
         if not coeff.is_Rational:
             return 0
@@ -231,7 +231,7 @@ def _rebuild(node, args):
         m = sympy.Mul(*args)
         if m.is_Mul and any(f.is_Add for f in m.args):
             m = _distribute(m.args) or m
-        return sympy.Add(*[_proper(t) for t in _terms(m)])
+        return sympy.Add(*[_proper(t) for t in add_terms(m)])
     if node.is_Pow:
         m = sympy.Pow(*args)
         if m.is_Pow and m.exp == -1 and m.base.is_Add and len(m.base.args) == 2 \
@@ -301,13 +301,13 @@ def normal_form(expr) -> sympy.Expr:
     return memo[expr]
 
 
-def _drop(expr, affine: bool, onehot: bool = True):
+def drop_free_terms(expr, affine: bool, onehot: bool = True):
     """Drop additive terms free of p (and c*p when ``affine``: sum_c p_c = 1).
 
     Without the one-hot reading (a user set whose terminals are not y and p) only terms free
     of every symbol are constants."""
     keep = []
-    for term in _terms(expr):
+    for term in add_terms(expr):
         if not (term.has(P) if onehot else term.free_symbols):
             continue
         if affine and term.as_independent(P, as_Add=False)[1] == P:

@@ -14,7 +14,7 @@ For a loss called NAME the printer emits
 ``module_source`` joins several losses with a header (imports only ``torch`` and ``math``) and
 a ``LOSSES`` dict; ``compile_loss`` compiles that very text for training. Only source produced
 here is ever compiled: ``compile_printed`` accepts a :class:`PrintedSource`, never a plain str.
-Fed by ``trees.py`` (parsed trees) and ``primitives.py`` (the torch templates).
+Fed by ``trees.py`` (parsed trees) and ``ops.py`` (the torch templates).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ rounds floats to the fewest digits (6, 10, 17) for which the expression still ag
 compiled), used for those decisions; every decision is a fixed computation on a fixed grid,
 so the shown formula is a pure function of the expression -- never of time or load.
 
-Fed by ``primitives.py`` (EPS, the protected functions, the typed reductions' numpy forms)
+Fed by ``ops.py`` (EPS, the protected functions, the typed reductions' numpy forms)
 and ``algebra.py`` (the opaque display functions); used by ``formula.py``.
 """
 from __future__ import annotations

@@ -189,5 +189,5 @@ def lookup(name: str, table: str = "elementwise") -> Op:
     if name not in ops:
         known = ", ".join(sorted(ops))
         raise KeyError(f"no {table} operation named {name!r}; known: {known}. "
-                       "To add one, add an Op entry (torch, sympy and numpy forms) in gp_loss/primitives.py")
+                       "To add one, add an Op entry (torch, sympy and numpy forms) in gp_loss/lang/ops.py")
     return ops[name]

@@ -1,7 +1,7 @@
 """Primitive sets: the data files in ``primitives/`` turned into DEAP typed primitive sets.
 
 A set file (TOML, never executed) names its types, terminals, constants, which operations of
-the table in ``primitives.py`` it uses over which types, its size limits and its zoo of named
+the table in ``ops.py`` it uses over which types, its size limits and its zoo of named
 reference losses. ``load_pset(name_or_path)`` returns a :class:`PSet` wrapping a
 ``deap.gp.PrimitiveSetTyped``; trees (``trees.py``), the printer (``codegen.py``) and the
 symbolic layer read everything they need from it.

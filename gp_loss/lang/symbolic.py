@@ -2,7 +2,7 @@
 
 * ``to_sympy(tree, pset)`` -- the expression in symbols ``y`` (plain) and ``p`` (positive: p is
   a softmax output in (0, 1], so |p| = p, max(p, 0) = p, sqrt(p^2) = p hold). Protected
-  operations stay opaque (``plog``, ``precip`` from ``primitives.py``) so identities that eps
+  operations stay opaque (``plog``, ``precip`` from ``ops.py``) so identities that eps
   makes false (log(p^2) vs 2 log(p), p/p = 1) are never applied.
 * ``canonical_key(tree, pset, sign)`` -- equal keys imply the same candidate: the same oriented
   gradient on every valid input (DESIGN §5.4). Class-sum sets (``paper``): y is 0 or 1, so
@@ -15,10 +15,10 @@
   from ``algebra.py``); constant subtrees with transcendental values become symbols named by
   their exact text. Work is bounded by expression size, never by time; ``sympy.simplify`` is
   never called here.
-* ``formula`` / ``latex`` / ``display_expr`` / ``per_class`` -- display only; they live in ``formula.py`` and
-  are re-exported here on first access (lazily: ``formula.py`` imports this module).
+* ``formula`` / ``latex`` / ``display_expr`` / ``per_class`` -- display only: ``formula.py``,
+  which imports this module.
 
-Fed by ``trees.py`` (parsed trees), ``primitives.py`` (the SymPy forms) and ``algebra.py``;
+Fed by ``trees.py`` (parsed trees), ``ops.py`` (the SymPy forms) and ``algebra.py``;
 used by ``screen.same``, the search's novelty index, ``formula.py``, ``simplify``/``show`` and
 ``export``.
 """
@@ -32,9 +32,8 @@ import numpy as np
 import sympy
 from deap import gp
 
-from .algebra import (  # noqa: F401  (MAX_TERMS, normal_form and the k* functions: re-exported)
-    MAX_TERMS, P, _DISPLAY_FORMS, _KEY_FORMS, _drop, _terms, kabs, kasinh, katan, kerf, kI0, kI1,
-    kmax, kmin, ksig, ksin, ksinh, normal_form)
+from .algebra import (DISPLAY_FORMS, KEY_FORMS, P, add_terms, drop_free_terms, kabs, kerf, kmax,
+                      ksig, normal_form)
 from .ops import plog
 from .psets import load_pset
 from .trees import to_text, var_name
@@ -99,7 +98,7 @@ def _constant(info, vals, mode):
         # SymPy's exact value of the constant (tanh(1), sqrt(2)/2): evaluated only on rational
         # arguments, unevaluated above transcendental ones (their exact evaluation -- evalf
         # inside sign checks of exp(exp(exp(e))) -- can take minutes).
-        form = _DISPLAY_FORMS.get(op.name, op.sympy)
+        form = DISPLAY_FORMS.get(op.name, op.sympy)
         args = [v.exact for v in vals]
         if all(e.is_Rational and _small(e) for e in args):
             exact = form(*args)
@@ -158,8 +157,8 @@ def build_bindings(tree, pset, ys=(None,), reduce=None, constants="exact", label
     ``exact`` (a dict) its exact value, unevaluated ('atoms_shown').
     """
     stack, memo = [], {}
-    forms = {"atoms": _KEY_FORMS, "float": _DISPLAY_FORMS,
-             "atoms_shown": _DISPLAY_FORMS}.get(constants, {})
+    forms = {"atoms": KEY_FORMS, "float": DISPLAY_FORMS,
+             "atoms_shown": DISPLAY_FORMS}.get(constants, {})
     for node in reversed(tree):
         if not isinstance(node, gp.Primitive):
             stack.append([_leaf(node, pset, y, constants) for y in ys])
@@ -207,7 +206,7 @@ def to_sympy(tree, pset="paper", constants: str = "exact") -> sympy.Expr:
 
 def _split(g):
     """Additive terms of normalised ``g`` as (p-free coefficient, p-dependent factor)."""
-    return [t.as_independent(P, as_Add=False) for t in _terms(normal_form(g))]
+    return [t.as_independent(P, as_Add=False) for t in add_terms(normal_form(g))]
 
 
 def _at_true(g):
@@ -244,8 +243,8 @@ def _digest(pset, *parts) -> str:
 def _key_of(tree, pset, sign):
     if pset.class_sum and {"y", "p"} <= set(pset.terminals):
         f1, f0 = build_bindings(tree, pset, ys=(1, 0), constants="atoms")
-        g1 = _drop(normal_form(sign * (f1 - f0)), affine=False)
-        g0 = _drop(normal_form(sign * f0), affine=True)
+        g1 = drop_free_terms(normal_form(sign * (f1 - f0)), affine=False)
+        g0 = drop_free_terms(normal_form(sign * f0), affine=True)
         if is_unusable(g1) or is_unusable(g0):
             return None
         if g1 == 0 and g0 == 0:
@@ -258,7 +257,7 @@ def _key_of(tree, pset, sign):
         root = build_bindings(tree, pset, constants="atoms")[0]
     if is_unusable(root):
         return None
-    root = _drop(normal_form(sign * root), affine=False, onehot=onehot)
+    root = drop_free_terms(normal_form(sign * root), affine=False, onehot=onehot)
     if root == 0:
         return f"{pset.name}:constant"
     return _digest(pset, "root", sympy.srepr(root))

@@ -9,10 +9,8 @@ executor can run it), by way of ``run_jobs`` here; both take a run's best distin
 from ``RunStore.top`` / ``RunStore.best``; bad input to either is an ``InputError`` (CLI exit 2).
 
 Fed by a run store (``store.py``) and ``execution/``. Used by ``compare.py`` and
-``eliminate.py``, which import this module; their public names (``compare``, ``make_loss``,
-``plan_cells``, ``markdown_table``, ``welch_p``, ``holm``, ``eliminate``, ``resolve_rounds``,
-...) are re-exported here on first access, so the CLI (``cli_protocol.py``) and
-``analysis/`` use ``gp_loss.protocol`` alone.
+``eliminate.py``, which import this module (the CLI, ``cli/protocol.py``, and ``analysis/``
+import those two directly).
 """
 from __future__ import annotations
 

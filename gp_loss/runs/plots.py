@@ -2,7 +2,7 @@
 
 Fed by a read-only run store (``store.RunStore``) through ``report`` (the search's evaluated
 rows with their sizes, the Pareto front, how each row was found), the search's own rule for
-its initial population (``evolution_start.initial_population``: the progress plot's replay and
+its initial population (``search.start.initial_population``: the progress plot's replay and
 legend count what the search logged), ``screen``'s integrity sweep and
 ``codegen.compile_loss`` (the curves are of the printer's compiled per-sample loss, i.e. of
 what trained), and DEAP's ``gp.graph`` for the trees, drawn with networkx on a hierarchical
@@ -91,7 +91,7 @@ def _label(row) -> str:
 
 def population_medians(search_rows, population: int) -> list[tuple[int, float]]:
     """Replay the population over the search rows in id order: once the initial rows are
-    done, the search's initial population (``evolution_start.initial_population``: the best
+    done, the search's initial population (``search.start.initial_population``: the best
     ``population`` successes, equally old); then every successful child joins and the oldest
     leaves (ties: lowest fitness, then lowest id), as ``evolution`` does.
     Returns (evaluation number, population median) from that point on. Id order is the

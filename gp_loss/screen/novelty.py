@@ -2,14 +2,14 @@
 
 * ``NoveltyIndex`` -- "is this child one we have?" over the population and history: the same
   canonical key, or a fingerprint that matches by ``screen``'s per-row test (RTOL, ZERO_TOL;
-  see ``screen.py``'s docstring). ``find`` looks the key up in a dict, then tests the
+  see ``fingerprint.py``'s docstring). ``find`` looks the key up in a dict, then tests the
   fingerprint against every entry at once through a sound low-dimensional pre-filter (a fixed
   orthonormal projection) followed by the exact per-row test, vectorised.
 * ``phenotype`` / ``near_duplicate`` -- the paper's optional filter: the min-max-normalised,
   oriented integrity sweep curve, and an L2-distance test against the members' phenotypes.
 
 Fed by ``fingerprint.py`` (fingerprints, the probe layout and the row test), ``integrity.py`` (curves) and keys from
-``symbolic.canonical_key``; ``screen`` re-exports these names. Used by the search loop
+``symbolic.canonical_key``. Used by the search loop
 (``evolution``) and ``analysis/bench_screen.py``.
 """
 from __future__ import annotations

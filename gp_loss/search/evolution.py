@@ -31,7 +31,7 @@ its result, the population change and the counters are committed together. After
 Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and novelty),
 ``symbolic`` (canonical keys), ``cache`` (results across runs), ``executors`` + ``fitness``
 (evaluations) and ``store`` (the only place state lives between steps). The start (reference, seeding, initial
-selection) and the re-evaluations with more seeds are in ``evolution_start.py``.
+selection) and the re-evaluations with more seeds are in ``start.py``; the population core in ``population.py``.
 """
 from __future__ import annotations
 
