@@ -66,3 +66,21 @@ def test_one_first_line_helper():
     assert first_line(KeyError()) == "KeyError" and describe(RuntimeError()) == "RuntimeError"
     assert first_line("x" * 50, 10) == "xxxxxxx..." and len(describe(ValueError("y" * 500), 300)) == 300
     assert first_line("") == ""
+
+
+def test_setup_cfg_ships_every_package():
+    """setup.cfg lists the packages by hand (two of them are mapped folders): a package added
+    under gp_loss/ but not listed would be missing from a wheel."""
+    import configparser
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {".".join(p.parent.relative_to(root).parts)
+               for p in (root / "gp_loss").rglob("__init__.py") if "__pycache__" not in p.parts}
+    mapped = {line.split("=")[0].strip()
+              for line in cfg["options"]["package_dir"].strip().splitlines()}
+    assert listed == on_disk | mapped
+    assert mapped == {"gp_loss.builtin_psets", "gp_loss.builtin_configs"}
