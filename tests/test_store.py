@@ -1,11 +1,19 @@
 """The SQLite run store (gp_loss.runs.store): creation, refusal, error cases, transactions."""
 
+import hashlib
+import inspect
 import os
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from gp_loss.runs.store import SCHEMA_VERSION, STATUSES, RunStore, StoreError, store_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "results" / "mnist5k" / "run"  # a version-1 store: never written by a test
 
 CONFIG = {"search": {"population": 3}, "surrogate": {"steps": 5}}
 
@@ -38,10 +46,9 @@ def test_create_refuses_an_existing_run(store, tmp_path):
         RunStore.create(other, CONFIG)
 
 
-def test_candidates_population_cache_state_and_reports(store):
+def test_candidates_population_state_and_reports(store):
     a = store.add_candidate("ce", "evaluated", phase="initial", birth=0, key="k", fitness=0.9,
-                            sign=1, seconds=2.0, engine_seconds=0.1, result={"val_acc": 0.9},
-                            timings={"screen": 0.01})
+                            sign=1, seconds=2.0, engine_seconds=0.1, result={"val_acc": 0.9})
     b = store.add_candidate("mse", "evaluated", phase="initial", birth=1, key="m", fitness=0.5,
                             sign=1, seconds=1.0)
     c = store.add_candidate("neg(ce)", "reused", birth=0, key="k", fitness=0.9, parent_id=a,
@@ -56,22 +63,14 @@ def test_candidates_population_cache_state_and_reports(store):
     assert [m["id"] for m in store.population()] == [a, c]
     assert store.population()[1]["age_order"] == 1
     assert store.candidate(a)["result"] == {"val_acc": 0.9}
-    assert store.candidate(a)["timings"] == {"screen": 0.01}
     assert [r["id"] for r in store.pending()] == [d]
     assert [r["id"] for r in store.top(5)] == [a, b]  # one row per canonical key
     assert [r["id"] for r in store.top(5, distinct=False)] == [a, c, b]
-    assert [r["id"] for r in store.top(5, members_only=True)] == [a]
     counts = store.counts()
     assert set(counts) == set(STATUSES)
     assert (counts["evaluated"], counts["reused"], counts["rejected"]) == (2, 1, 3)
     assert store.reason_counts() == {"integrity": 2, "no_y": 1}
     assert store.seconds() == {"surrogate": 3.0, "engine": pytest.approx(0.3), "wall": None}
-    store.cache_put("k", a, 0.9, 1, "evaluated")
-    store.cache_put("k", c, 0.8, 1, "evaluated")  # worse: ignored
-    assert store.cache_get("k")["candidate_id"] == a
-    store.cache_put("n", d, None, None, "failed")
-    store.cache_put("n", b, 0.1, 1, "evaluated")  # a fitness beats a failure
-    assert store.cache_get("n")["candidate_id"] == b and store.cache_get("q") is None
     store.set_state(next_birth=2, phase="evolve")
     store.set_state({"wall_seconds": 12.5})
     assert store.state() == {"next_birth": 2, "phase": "evolve", "wall_seconds": 12.5}
@@ -207,3 +206,223 @@ def test_top_breaks_fitness_ties_by_the_lower_validation_nll(store):
                                                                 no_nll, nan]
     rows = store.candidates()
     assert [r["id"] for r in sorted(rows, key=row_rank_key)][:5] == [better, dup, low, high, old]
+
+
+# ------------------------------------------------------------------ schema 1 -> 2 (issue 13)
+
+# The version-1 schema as gp-loss wrote it (``_SCHEMA`` of SCHEMA_VERSION 1), verbatim: a
+# ``fitness_cache`` table nothing read and three candidate columns nothing wrote.
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
+CREATE TABLE candidates (              -- every proposal and candidate, in creation order
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    phase TEXT NOT NULL DEFAULT 'child',  -- 'initial' | 'child' | 'reference' | ...
+    birth INTEGER,                     -- number within its phase (a child's birth number)
+    expr TEXT NOT NULL, formula TEXT, key TEXT,  -- key: canonical key
+    parent_id INTEGER REFERENCES candidates(id), mutation TEXT,
+    status TEXT NOT NULL CHECK (status IN ('evaluated', 'reused', 'failed', 'rejected',
+                                           'duplicate', 'near_duplicate', 'pending')),
+    reason TEXT,                       -- why rejected / failed
+    fitness REAL, sign INTEGER,
+    seconds REAL,                      -- surrogate training seconds (in the worker)
+    engine_seconds REAL,               -- driver seconds: generate, screen, dedup, store
+    timings TEXT,                      -- JSON: stage -> seconds
+    result_json TEXT,                  -- JSON: what the evaluation returned
+    fingerprint BLOB,                  -- gradient fingerprint, so resume need not recompute
+    created REAL NOT NULL              -- unix time
+);
+CREATE INDEX candidates_status ON candidates(status, reason);
+CREATE INDEX candidates_key ON candidates(key);
+CREATE INDEX candidates_birth ON candidates(phase, birth);
+CREATE TABLE population (              -- lower age_order = older; equal = equally old
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
+    age_order INTEGER NOT NULL
+);
+CREATE TABLE fitness_cache (           -- canonical key -> best stored result
+    key TEXT PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    fitness REAL, sign INTEGER, status TEXT NOT NULL
+);
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- the loop's; JSON values
+"""
+V1_DEAD_COLUMNS = {"formula", "timings", "fingerprint"}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _schema(run_dir) -> tuple[int, set, set, str]:
+    """(user_version, table names, candidates columns, meta schema_version), read without
+    writing (``immutable``)."""
+    uri = f"{store_path(run_dir).resolve().as_uri()}?immutable=1"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        return (conn.execute("PRAGMA user_version").fetchone()[0],
+                {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")},
+                {r[1] for r in conn.execute("PRAGMA table_info(candidates)")},
+                conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _as_version_1(src_dir, dst_dir) -> None:
+    """Write the rows of the (closed) store in ``src_dir`` into a new version-1 store in
+    ``dst_dir``, as a gp-loss of SCHEMA_VERSION 1 would have stored them."""
+    dst_dir.mkdir(parents=True)
+    conn = sqlite3.connect(store_path(dst_dir), isolation_level=None)
+    try:
+        conn.executescript(V1_SCHEMA)
+        conn.execute("ATTACH DATABASE ? AS src", (str(store_path(src_dir)),))
+        conn.execute("BEGIN")
+        cols = [r[1] for r in conn.execute("PRAGMA src.table_info(candidates)")
+                if r[1] not in V1_DEAD_COLUMNS]  # never written: NULL in version 1 too
+        for table, names in (("meta", ["key", "value"]), ("candidates", cols),
+                             ("population", ["candidate_id", "age_order"]),
+                             ("state", ["key", "value"])):
+            conn.execute(f"INSERT INTO main.{table}({', '.join(names)}) "
+                         f"SELECT {', '.join(names)} FROM src.{table}")
+        conn.execute("UPDATE main.meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("PRAGMA main.user_version = 1")
+        conn.execute("COMMIT")
+        conn.execute("DETACH DATABASE src")
+        conn.execute("PRAGMA journal_mode = WAL")  # as every store a writer opened
+    finally:
+        conn.close()
+
+
+def test_the_dead_weight_is_gone(store):
+    """No fitness_cache table (the shared cache is search/cache.py's own file), no
+    formula/timings/fingerprint columns, no cache_get/cache_put, no top(members_only=)."""
+    assert SCHEMA_VERSION == 2
+    assert not hasattr(RunStore, "cache_get") and not hasattr(RunStore, "cache_put")
+    assert "members_only" not in inspect.signature(RunStore.top).parameters
+    version, tables, columns, _ = _schema(store.run_dir)
+    assert version == 2 and "fitness_cache" not in tables
+    assert not V1_DEAD_COLUMNS & columns and {"expr", "key", "result_json"} <= columns
+    for dead in V1_DEAD_COLUMNS:
+        with pytest.raises(TypeError, match="unknown candidate field"):
+            store.add_candidate("ce", "evaluated", **{dead: "x"})
+    cid = store.add_candidate("ce", "evaluated", fitness=0.5)
+    assert not V1_DEAD_COLUMNS & set(store.candidate(cid))
+
+
+def test_a_version_1_run_is_read_as_it_is_then_migrated_with_the_same_show_and_export(
+        tmp_path):
+    """The shipped mnist5k run is a version-1 store. Read-only (show, export) it is read as
+    it is and not written; opened for writing (a copy), it becomes version 2 in place, and
+    show, show --json and export print what they print for the original."""
+    from gp_loss.cli.app import cli
+
+    before = _digest(store_path(SHIPPED))
+    assert _schema(SHIPPED)[0] == 1  # the fixture this test is about
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copyfile(store_path(SHIPPED), store_path(copy))
+    runner = CliRunner()
+
+    def outputs(run_dir):
+        out = []
+        for args in (["show", run_dir], ["show", run_dir, "--json"],
+                     ["export", run_dir, "--top", "3", "--format", "python", "-o", "-"]):
+            result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            out.append(result.stdout.replace(str(Path(run_dir).resolve()), "RUN_DIR")
+                       .replace(str(run_dir), "RUN_DIR"))
+        return out
+
+    want = outputs(SHIPPED)
+    with RunStore.open(copy, readonly=True) as reader:  # read-only: no migration, no write
+        rows = reader.candidates()
+        assert len(rows) > 1000 and not V1_DEAD_COLUMNS & set(rows[0])
+    assert _schema(copy)[0] == 1 and _digest(store_path(copy)) == before
+    with RunStore.open(copy) as writer:  # for writing: migrated, in place
+        assert writer.meta()["schema_version"] == 2
+        assert [m["from"] for m in writer.meta()["migrations"]] == [1]
+        assert writer.candidates() == rows
+    version, tables, columns, meta_version = _schema(copy)
+    assert (version, meta_version) == (2, "2") and "fitness_cache" not in tables
+    assert not V1_DEAD_COLUMNS & columns
+    RunStore.open(copy).close()  # a second open finds nothing to do
+    assert outputs(copy) == want
+    assert _digest(store_path(SHIPPED)) == before  # the shipped store was only read
+
+
+def test_a_version_1_run_resumes_and_ends_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A search interrupted under schema 1 (its rows written into the version-1 DDL) is
+    resumed by this gp-loss: the store is migrated, the pending evaluation re-submitted, and
+    the run ends with the same candidates and population as one never interrupted."""
+    import gp_loss.search.evolution as evo
+    from gp_loss.config import Config, apply_overrides
+
+    class Fake:  # deterministic fitness from the expression; Ctrl-C on call ``stop``
+        def __init__(self, stop=None):
+            self.stop, self.calls = stop, 0
+
+        def __call__(self, expr, pset_name, eval_config, seed=0, sign=1, with_test=False):
+            self.calls += 1
+            if self.calls == self.stop:
+                raise KeyboardInterrupt
+            u = int(hashlib.sha256(expr.encode()).hexdigest()[:8], 16) / 16**8
+            return {"status": "ok", "reason": None, "fitness": round(u, 2), "steps": 10,
+                    "seconds": 0.0}
+
+    cfg = apply_overrides(Config(), ["executor.kind=serial", "search.initial=4",
+                                     "search.population=3", "search.tournament=2",
+                                     "search.children=6", "surrogate.steps=10"])
+
+    def run(run_dir, fake):
+        monkeypatch.setattr(evo, "evaluate", fake)
+        with RunStore.open(run_dir) as s:
+            return evo.Evolution(s, cfg).run()["stop_reason"]
+
+    def table(run_dir):
+        fields = ("id", "phase", "birth", "expr", "key", "status", "reason", "fitness", "sign",
+                  "parent_id", "mutation")
+        with RunStore.open(run_dir, readonly=True) as s:
+            return ([tuple(r[k] for k in fields) for r in s.candidates()],
+                    [(r["id"], r["age_order"]) for r in s.population()],
+                    {k: s.get_state(k) for k in ("phase", "children_done", "next_birth")})
+
+    evo.start_run(tmp_path / "whole", cfg).close()
+    assert run(tmp_path / "whole", Fake()) == "finished"
+    evo.start_run(tmp_path / "cut", cfg).close()
+    assert run(tmp_path / "cut", Fake(stop=7)) == "interrupted"  # during evolution
+    old = tmp_path / "old"
+    _as_version_1(tmp_path / "cut", old)
+    assert _schema(old)[:2] == (1, {"meta", "candidates", "population", "fitness_cache",
+                                    "state", "sqlite_sequence"})
+    with RunStore.open(old, readonly=True) as reader:
+        pending = reader.candidates(status="pending")
+        assert len(pending) == 1 and reader.get_state("phase") == "evolve"
+    assert _schema(old)[0] == 1  # reading wrote nothing
+    assert run(old, Fake()) == "finished"
+    assert table(old) == table(tmp_path / "whole")
+    version, tables, columns, _ = _schema(old)
+    assert version == 2 and "fitness_cache" not in tables and not V1_DEAD_COLUMNS & columns
+    with RunStore.open(old) as s:  # and it takes new rows
+        cid = s.add_candidate("ce", "rejected", reason="test")
+        assert s.candidate(cid)["expr"] == "ce" and cid == max(r["id"] for r in s.candidates())
+
+
+def test_a_failed_migration_leaves_the_version_1_store_as_it_was(tmp_path, monkeypatch):
+    """All the migration's steps are one transaction: an error half-way leaves version 1."""
+    import gp_loss.runs.store as store_mod
+
+    with RunStore.create(tmp_path / "new", CONFIG) as s:
+        s.add_candidate("ce", "evaluated", fitness=0.5)
+    _as_version_1(tmp_path / "new", tmp_path / "old")
+    before = _schema(tmp_path / "old")
+
+    def broken(conn):
+        conn.execute("DROP TABLE fitness_cache")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setitem(store_mod._MIGRATIONS, 1, broken)
+    with pytest.raises(StoreError, match="cannot migrate .* from store schema 1 to 2.*"
+                                         "disk I/O error.*unchanged"):
+        RunStore.open(tmp_path / "old")
+    assert _schema(tmp_path / "old") == before and before[0] == 1
+    monkeypatch.undo()
+    with RunStore.open(tmp_path / "old") as s:  # not locked out: the writer lock went too
+        assert [r["expr"] for r in s.candidates()] == ["ce"]
+    assert _schema(tmp_path / "old")[0] == 2

@@ -156,8 +156,7 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
                 for cid, seed in missing:
                     src = sources[cid]
                     store.add_candidate(src["expr"], "pending", phase=phase, birth=seed,
-                                        key=src["key"], parent_id=cid, sign=src["sign"],
-                                        formula=src["formula"])
+                                        key=src["key"], parent_id=cid, sign=src["sign"])
             todo = store.candidates(status="pending", phase=phase)
             sur = {**surrogate, "steps": rnd.steps, "model": rnd.model,
                    **({"stages": [dict(st) for st in rnd.stages]} if rnd.stages else {})}
@@ -227,7 +226,8 @@ def score_round(store, rnd: Round, entrants: Sequence[int], sources: dict, prev:
             "kept": min(go_on, len(ranked)), "runs_done": done, "runs_total": total,
             "complete": done == total,
             "members": [{"rank": k, "id": c, "expr": sources[c]["expr"],
-                         "formula": sources[c]["formula"], "score": score[c],
+                         "formula": None,  # a reader computes it from expr
+                         "score": score[c],
                          "previous_score": prev.get(c, 0.0), "kept": k <= go_on,
                          "runs": sorted(runs[c], key=lambda x: x["seed"])}
                         for k, c in enumerate(ranked, 1)]}

@@ -3,8 +3,8 @@
 Fed by the driver process (the only writer: the evolution loop or ``eliminate``, never a worker);
 read by ``show`` / ``plot`` / ``export`` through read-only connections. It holds the resolved
 config and the environment (``meta``), every proposal and candidate (``candidates``), the
-population membership (``population``), a canonical key -> best result lookup
-(``fitness_cache``) and the loop's resumable counters (``state``).
+population membership (``population``) and the loop's resumable counters (``state``). Results
+shared between runs live elsewhere, in the fitness cache file (``search/cache.py``).
 
 Atomicity: group the writes of one step in ``with store.transaction():`` — e.g. "child N
 evaluated + population updated + counters advanced" — and a SIGKILL at any moment leaves either
@@ -13,9 +13,15 @@ resume re-submits exactly those.
 
 The schema is ``_SCHEMA`` below (version ``SCHEMA_VERSION``, kept in ``PRAGMA user_version``);
 the ``meta`` table and its ``application`` key are never changed by later versions, so any
-gp-loss can tell its stores from foreign files and newer ones.
-Rows come back as dicts with the column names, except that ``result_json`` and ``timings`` are
-decoded (``result``, ``timings``) and population rows carry ``age_order``.
+gp-loss can tell its stores from foreign files and newer ones. A store of an older version
+(``_MIGRATIONS``) is read as it is when opened read-only (nothing is written) and brought to
+``SCHEMA_VERSION`` in place, in one transaction, when opened for writing; a newer one is refused.
+Version 1 also had a ``fitness_cache`` table and the candidate columns ``formula``, ``timings``
+and ``fingerprint``, never written (the shown formula is computed from ``expr``); version 2
+drops them.
+Rows come back as dicts with the column names, except that ``result_json`` is decoded
+(``result``), a version-1 store's unused columns are left out, and population rows carry
+``age_order``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION = "gp-loss"
 STORE_NAME = "run.sqlite"
 STATUSES = ("evaluated", "reused", "failed", "rejected", "duplicate", "near_duplicate",
@@ -71,9 +77,9 @@ def row_rank_key(row: Mapping) -> tuple:
     return rank_key(row["fitness"], tie_value(row), row["id"])
 
 
-_COLUMNS = ("phase", "birth", "expr", "formula", "key", "parent_id", "mutation", "status",
-            "reason", "fitness", "sign", "seconds", "engine_seconds", "timings", "result",
-            "fingerprint", "created")
+_COLUMNS = ("phase", "birth", "expr", "key", "parent_id", "mutation", "status", "reason",
+            "fitness", "sign", "seconds", "engine_seconds", "result", "created")
+_V1_COLUMNS = ("formula", "timings", "fingerprint")  # version 1's never-written columns
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
@@ -81,16 +87,14 @@ CREATE TABLE candidates (              -- every proposal and candidate, in creat
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     phase TEXT NOT NULL DEFAULT 'child',  -- 'initial' | 'child' | 'reference' | ...
     birth INTEGER,                     -- number within its phase (a child's birth number)
-    expr TEXT NOT NULL, formula TEXT, key TEXT,  -- key: canonical key
+    expr TEXT NOT NULL, key TEXT,      -- key: canonical key
     parent_id INTEGER REFERENCES candidates(id), mutation TEXT,
     status TEXT NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in STATUSES)})),
     reason TEXT,                       -- why rejected / failed
     fitness REAL, sign INTEGER,
     seconds REAL,                      -- surrogate training seconds (in the worker)
     engine_seconds REAL,               -- driver seconds: generate, screen, dedup, store
-    timings TEXT,                      -- JSON: stage -> seconds
     result_json TEXT,                  -- JSON: what the evaluation returned
-    fingerprint BLOB,                  -- gradient fingerprint, so resume need not recompute
     created REAL NOT NULL              -- unix time
 );
 CREATE INDEX candidates_status ON candidates(status, reason);
@@ -100,12 +104,24 @@ CREATE TABLE population (              -- lower age_order = older; equal = equal
     candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
     age_order INTEGER NOT NULL
 );
-CREATE TABLE fitness_cache (           -- canonical key -> best stored result
-    key TEXT PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    fitness REAL, sign INTEGER, status TEXT NOT NULL
-);
 CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- the loop's; JSON values
 """
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Drop version 1's dead weight: the ``fitness_cache`` table (never read; the shared cache
+    is ``search/cache.py``'s own file) and the never-written candidate columns. ``DROP COLUMN``
+    needs SQLite 3.35; an older SQLite leaves the (empty) columns, which nothing reads."""
+    conn.execute("DROP TABLE IF EXISTS fitness_cache")
+    if sqlite3.sqlite_version_info >= (3, 35, 0):
+        have = {r[1] for r in conn.execute("PRAGMA table_info(candidates)")}
+        for column in _V1_COLUMNS:
+            if column in have:
+                conn.execute(f"ALTER TABLE candidates DROP COLUMN {column}")
+
+
+# version -> the step that brings a store of that version to the next one
+_MIGRATIONS = {1: _migrate_1_to_2}
 
 
 class StoreError(RuntimeError):
@@ -162,7 +178,7 @@ def environment() -> dict:
 def _encode(field: str, value: Any) -> tuple[str, Any]:
     if field not in _COLUMNS:
         raise TypeError(f"unknown candidate field {field!r}")
-    if field in ("result", "timings") and value is not None:
+    if field == "result" and value is not None:
         value = json.dumps(value, sort_keys=True)
     return ("result_json" if field == "result" else field), value
 
@@ -171,11 +187,12 @@ def _row(row: sqlite3.Row | None) -> dict | None:
     if row is None:
         return None
     out = dict(row)
+    for name in _V1_COLUMNS:  # still there in a version-1 store read as it is
+        out.pop(name, None)
     if "result_json" in out:
         out["result"] = out.pop("result_json")
-    for name in ("result", "timings"):
-        if out.get(name) is not None:
-            out[name] = json.loads(out[name])
+        if out["result"] is not None:
+            out["result"] = json.loads(out["result"])
     return out
 
 
@@ -318,6 +335,7 @@ class RunStore:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("PRAGMA foreign_keys = ON")
+                cls._migrate(conn, path)
             conn.execute("SELECT count(*) FROM candidates").fetchone()
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -344,9 +362,43 @@ class RunStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{path} has store schema {version}, newer than this gp-loss "
                              f"supports ({SCHEMA_VERSION}); upgrade gp-loss to read it")
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION and any(v not in _MIGRATIONS
+                                            for v in range(version, SCHEMA_VERSION)):
             raise StoreError(f"{path} has store schema {version}, older than this gp-loss "
                              f"reads ({SCHEMA_VERSION}) and no migration exists")
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+        """Bring an older store (checked by ``_check``) to ``SCHEMA_VERSION`` in place, all
+        steps in one transaction: a failure or a kill leaves it as it was. The new version goes
+        in ``PRAGMA user_version`` and the meta key ``schema_version``; meta ``migrations``
+        lists the steps taken."""
+        start = conn.execute("PRAGMA user_version").fetchone()[0]
+        if start >= SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # again, locked
+            row = conn.execute("SELECT value FROM meta WHERE key = 'migrations'").fetchone()
+            done = json.loads(row[0]) if row else []
+            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            while version < SCHEMA_VERSION:
+                _MIGRATIONS[version](conn)
+                done.append({"from": version, "to": version + 1, "time": when,
+                             "gp_loss_version": _version("gp-loss")})
+                version += 1
+            conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                             [("schema_version", json.dumps(version)),
+                              ("migrations", json.dumps(done, sort_keys=True))])
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot migrate {path} from store schema {start} to "
+                                 f"{SCHEMA_VERSION}: {exc}; the store is unchanged") from None
+            raise
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -502,36 +554,15 @@ class RunStore:
                "ON c.id = p.candidate_id ORDER BY p.age_order, c.id")
         return [_row(r) for r in self._conn.execute(sql)]
 
-    # -- fitness cache -------------------------------------------------------------------
-
-    def cache_get(self, key: str) -> dict | None:
-        """The best stored result for a canonical key: candidate_id, fitness, sign, status."""
-        return _row(self._conn.execute("SELECT * FROM fitness_cache WHERE key = ?",
-                                       (key,)).fetchone())
-
-    def cache_put(self, key: str, candidate_id: int, fitness: float | None, sign: int | None,
-                  status: str) -> None:
-        """Record a result for a key; keeps the better one (a fitness beats none or a lower)."""
-        self._write(
-            "INSERT INTO fitness_cache(key, candidate_id, fitness, sign, status) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-            "candidate_id = excluded.candidate_id, fitness = excluded.fitness, "
-            "sign = excluded.sign, status = excluded.status "
-            "WHERE excluded.fitness IS NOT NULL AND "
-            "(fitness_cache.fitness IS NULL OR excluded.fitness > fitness_cache.fitness)",
-            (key, candidate_id, fitness, sign, status))
-
     # -- reading for show / plot / export ------------------------------------------------
 
-    def top(self, k: int = 10, members_only: bool = False, distinct: bool = True,
-            phases: tuple = SEARCH_PHASES) -> list[dict]:
+    def top(self, k: int = 10, distinct: bool = True, phases: tuple = SEARCH_PHASES
+            ) -> list[dict]:
         """Best candidates with a fitness, best first (``RANK_SQL``: ties by the lower
-        validation NLL, then the earliest id); ``distinct`` keeps
-        one row per canonical key; ``members_only`` looks at the current population only;
+        validation NLL, then the earliest id); ``distinct`` keeps one row per canonical key;
         ``phases``: which rows compete (the search's own by default, not references or
         elimination re-runs)."""
-        source = ("SELECT c.* FROM candidates c JOIN population p ON p.candidate_id = c.id"
-                  if members_only else "SELECT * FROM candidates c")
+        source = "SELECT * FROM candidates c"
         source += " WHERE c.fitness IS NOT NULL AND c.status IN ('evaluated', 'reused')"
         source += f" AND c.phase IN ({', '.join(repr(p) for p in phases)})"
         if distinct:
