@@ -79,7 +79,7 @@ def run_interrupted(run_dir, stops, monkeypatch, extra=()):
             return attempt, cut_in
         assert result["stop_reason"] == "interrupted"
         with RunStore.open(run_dir, readonly=True) as store:
-            pending = store.pending()
+            pending = store.candidates(status="pending")
             # the evaluation that was running (+ re-scores not yet submitted, all stored
             # when the seeding phase ended)
             assert len(pending) == 1 or {r["phase"] for r in pending} <= {"initial", "reeval"}
@@ -276,7 +276,7 @@ def test_sigkilled_process_search_accounts_for_every_candidate(tmp_path):
     kill_when(proc, run_dir, lambda p: p.get("phase") == "evolve"
               and p.get("children_done", 0) >= 2 and p["pending"] >= 1)
     with RunStore.open(run_dir, readonly=True) as store:
-        in_flight = len(store.pending())
+        in_flight = len(store.candidates(status="pending"))
         done_before = {r["id"]: (r["status"], r["fitness"]) for r in store.candidates()
                        if r["status"] in DONE}
     assert in_flight >= 1  # the kill caught evaluations in flight
@@ -284,7 +284,7 @@ def test_sigkilled_process_search_accounts_for_every_candidate(tmp_path):
 
     with RunStore.open(run_dir, readonly=True) as store:
         rows = store.candidates()
-        assert not store.pending()
+        assert not store.candidates(status="pending")
         assert store.get_state("phase") == "done" and store.get_state("children_done") == 6
         # What had completed before the kill is unchanged (not redone, not lost) ...
         now = {r["id"]: (r["status"], r["fitness"]) for r in rows}

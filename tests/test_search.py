@@ -440,7 +440,7 @@ def test_end_to_end_search_show_and_table(runner, tmp_path):
         assert sorted(r["birth"] for r in children) == [1, 2, 3, 4, 5]
         assert store.get_state("children_done") == 5 and store.get_state("phase") == "done"
         assert 1 <= len(store.population()) <= 3
-        assert not store.pending()
+        assert not store.candidates(status="pending")
         meta = store.meta()
         assert meta["config"]["search"]["children"] == 5 and meta["device"] == "cpu"
         assert meta["torch"] and meta["python"]

@@ -63,7 +63,7 @@ def test_candidates_population_state_and_reports(store):
     assert [m["id"] for m in store.population()] == [a, c]
     assert store.population()[1]["age_order"] == 1
     assert store.candidate(a)["result"] == {"val_acc": 0.9}
-    assert [r["id"] for r in store.pending()] == [d]
+    assert [r["id"] for r in store.candidates(status="pending")] == [d]
     assert [r["id"] for r in store.top(5)] == [a, b]  # one row per canonical key
     assert [r["id"] for r in store.top(5, distinct=False)] == [a, c, b]
     counts = store.counts()
@@ -76,7 +76,7 @@ def test_candidates_population_state_and_reports(store):
     assert store.state() == {"next_birth": 2, "phase": "evolve", "wall_seconds": 12.5}
     assert store.get_state("missing", 7) == 7 and store.seconds()["wall"] == 12.5
     store.update_candidate(d, status="failed", reason="nan loss")
-    assert store.pending() == [] and store.candidates(status="failed")[0]["reason"] == "nan loss"
+    assert store.candidates(status="pending") == [] and store.candidates(status="failed")[0]["reason"] == "nan loss"
     with pytest.raises(sqlite3.IntegrityError):
         store.add_candidate("bad", "no-such-status")
 

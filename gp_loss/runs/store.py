@@ -155,7 +155,8 @@ def _git_info() -> dict:
     return {"git_commit": commit, "git_dirty": None if dirty is None else dirty != ""}
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or None."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -165,11 +166,11 @@ def _version(dist: str) -> str | None:
 def environment() -> dict:
     """Versions and provenance recorded in every new store (no torch import needed)."""
     return {
-        "gp_loss_version": _version("gp-loss"),
+        "gp_loss_version": package_version("gp-loss"),
         **_git_info(),
         "python": platform.python_version(),
-        "torch": _version("torch"),
-        "packages": {d: _version(d) for d in ("numpy", "sympy", "deap", "scikit-learn")},
+        "torch": package_version("torch"),
+        "packages": {d: package_version(d) for d in ("numpy", "sympy", "deap", "scikit-learn")},
         "platform": platform.platform(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -385,7 +386,7 @@ class RunStore:
             while version < SCHEMA_VERSION:
                 _MIGRATIONS[version](conn)
                 done.append({"from": version, "to": version + 1, "time": when,
-                             "gp_loss_version": _version("gp-loss")})
+                             "gp_loss_version": package_version("gp-loss")})
                 version += 1
             conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                              [("schema_version", json.dumps(version)),
@@ -523,10 +524,6 @@ class RunStore:
         sql = ("SELECT * FROM candidates WHERE (?1 IS NULL OR status = ?1) "
                "AND (?2 IS NULL OR phase = ?2) ORDER BY id")
         return [_row(r) for r in self._conn.execute(sql, (status, phase))]
-
-    def pending(self) -> list[dict]:
-        """Evaluations that were in flight (status 'pending'), in submission order."""
-        return self.candidates(status="pending")
 
     # -- population ----------------------------------------------------------------------
 

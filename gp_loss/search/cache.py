@@ -52,7 +52,7 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
     import torch
 
     from ..surrogate.data import resolve_device
-    from ..runs.store import _version
+    from ..runs.store import package_version
 
     dev = resolve_device(surrogate.get("device", "auto"))
     amp = surrogate.get("amp", "auto")
@@ -64,7 +64,7 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
             "seed": seed, "device_type": dev.split(":")[0], "dtype": dtype,
             "threads": threads if dev == "cpu" else None,
             "pset": _content_digest(pset_source),
-            "torch": torch.__version__, "gp_loss": _version("gp-loss"), "v": CACHE_VERSION}
+            "torch": torch.__version__, "gp_loss": package_version("gp-loss"), "v": CACHE_VERSION}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
