@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from gp_loss.lang import symbolic, trees, variation  # noqa: E402
 from gp_loss.screen import integrity as screen  # noqa: E402
+from gp_loss.screen import novelty  # noqa: E402
 from gp_loss.lang.psets import load_pset  # noqa: E402
 
 ZOO = ("ce", "baikal", "focal", "mse")
@@ -78,7 +79,7 @@ def accepted_pool(ps, start, size, seed):
 
 def bench_novelty(ps, pool, members=100, history=2000, queries=300, seed=1):
     rng = random.Random(seed)
-    index = screen.NoveltyIndex()
+    index = novelty.NoveltyIndex()
     for cid, (t, r) in enumerate(pool[:members + history]):
         index.add(cid, trees.to_text(t, ps), r.fingerprint)
     member_trees = [t for t, _ in pool[:members]]

@@ -111,8 +111,8 @@ if synthetic:
           f"{time.perf_counter() - t:.1f}s")
 
 from gp_loss.config import load_config
-from gp_loss.data import load_splits, resolve_device
-from gp_loss.fitness import evaluate
+from gp_loss.surrogate.data import load_splits, resolve_device
+from gp_loss.surrogate.fitness import evaluate
 
 sets = [f"surrogate.data_root={root}", f"surrogate.device={device}",
         f"surrogate.compile={'true' if compile_ else 'false'}",

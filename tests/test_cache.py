@@ -1,4 +1,4 @@
-"""The fitness cache shared across runs (gp_loss/cache.py): a second search with the same
+"""The fitness cache shared across runs (gp_loss/search/cache.py): a second search with the same
 evaluation settings trains nothing it trained before; other settings share nothing; only
 results that are a property of the settings are kept; a broken cache never stops a search."""
 from __future__ import annotations

@@ -79,6 +79,16 @@ def test_the_oracle_allows_float_spacing_at_a_pole_and_nothing_more():
     p = np.concatenate([p, [0.5, 0.5]])
     y = np.concatenate([y, [0.0, 1.0]])
     assert O.check_text("1/(p - 0.5)", tree, pset, y, p) is not None
+    # ... nor a text that is inf at a zero of the loss, or blows up just off a grid point
+    # (review): neither the pole rule nor the text's own slack excuses them.
+    zero = parse("sub(add(p, p), 1)")
+    yz, pz = O.dense_points(zero, pset)
+    pz, yz = np.concatenate([pz, [0.5]]), np.concatenate([yz, [0.0]])
+    assert O.check_text("2*p - 1 + 1e-30/(2*p - 1)", zero, pset, yz, pz) is not None
+    ident = parse("p")
+    yi, pi = O.dense_points(ident, pset)
+    pi, yi = np.concatenate([pi, [0.3]]), np.concatenate([yi, [0.0]])
+    assert O.check_text("p + 1e-11/(p - 0.3000000000000002)", ident, pset, yi, pi) is not None
     assert O.check_text(F.formula(tree), tree, pset, y, p) is None
 
 
