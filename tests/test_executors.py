@@ -242,3 +242,132 @@ def test_ray_search_through_the_cli(ray_cluster, tmp_path):
     counts = s["counts"]
     assert counts["evaluated"] + counts["reused"] + counts["failed"] == 4 + 3
     assert ray_cluster.is_initialized()
+
+
+# -- the shared core (execution/pool.py), driven by a scripted in-thread backend ---------------
+
+class _Died(Exception):
+    """Raised by a call in the scripted backend: its worker 'dies' while running it."""
+
+
+class _ScriptedPool:
+    """Build a WorkerPool whose workers start (or die at start-up) as ``starts`` says and run
+    calls in the dispatcher thread; a call raising ``_Died`` kills its worker. Start-up news
+    is held back until the first submission, so that work is queued when workers die."""
+
+    @staticmethod
+    def make(workers=1, retries=0, starts=()):
+        import queue
+
+        from gp_loss.execution.pool import Slot, WorkerPool
+
+        class Pool(WorkerPool):
+            def __init__(self):
+                self.events, self.started, self.script = queue.SimpleQueue(), 0, list(starts)
+                self.retired, self.held = 0, []
+                super().__init__(workers, retries, thread_name="scripted-pool")
+
+            def _pack(self, fn, args, kwargs):
+                return fn, args, kwargs
+
+            def _start(self):
+                slot, self.started = Slot(), self.started + 1
+                ok = self.script.pop(0) if self.script else True
+                news = ("ready" if ok else "died", slot)
+                self.held.append(news) if self.held is not None else self.events.put(news)
+                return slot
+
+            def _send(self, slot, task):
+                self.events.put(("run", slot))
+
+            def _wake(self):
+                held, self.held = self.held or [], None
+                for news in held:
+                    self.events.put(news)
+                self.events.put(("wake", None))
+
+            def _wait(self):
+                kind, slot = self.events.get()
+                if slot is None or slot not in self._slots:
+                    return
+                if kind == "ready":
+                    self._worker_ready(slot)
+                elif kind == "died":
+                    self._worker_lost(slot, "scripted worker died at start-up")
+                else:
+                    fn, args, kwargs = slot.task.payload
+                    try:
+                        result = fn(*args, **kwargs)
+                    except _Died:
+                        self._worker_lost(slot, "scripted worker died while evaluating")
+                    except Exception as exc:
+                        self._task_done(slot, exc=exc, traceback="remote text")
+                    else:
+                        self._task_done(slot, result=result)
+
+            def _retire(self, slot):
+                self.retired += 1
+
+            def _stop_all(self, abort):
+                pass
+
+        return Pool()
+
+
+def _die_first(calls: list):
+    calls.append(1)
+    if len(calls) == 1:
+        raise _Died()
+    return len(calls)
+
+
+def _always_die():
+    raise _Died()
+
+
+def test_pool_core_retries_to_the_limit_then_fails_and_replaces_the_worker():
+    pool = _ScriptedPool.make(workers=1, retries=2)
+    with pool:
+        assert pool.submit(_die_first, []).result(timeout=10) == 2  # died once, retried
+        lost = pool.submit(_always_die)
+        exc = lost.exception(timeout=10)
+        assert type(exc) is WorkerLost and str(exc) == (
+            "scripted worker died while evaluating (after 2 retries)")
+        err = pool.submit(operator.truediv, 1, 0).exception(timeout=10)
+        assert isinstance(err, ZeroDivisionError)
+        assert isinstance(err.__cause__, RemoteTraceback) and str(err.__cause__) == "remote text"
+        assert pool.submit(operator.add, 2, 2).result(timeout=10) == 4
+    assert pool.started == 5  # the first worker and one replacement per death (1 + 3 + 0)
+    assert pool.retired == 4
+
+
+def test_pool_core_gives_up_when_workers_keep_dying_at_start_up():
+    from gp_loss.execution.base import MAX_START_FAILURES
+
+    pool = _ScriptedPool.make(workers=1, starts=[False] * MAX_START_FAILURES)
+    queued = pool.submit(operator.add, 1, 1)
+    exc = queued.exception(timeout=10)
+    assert isinstance(exc, WorkerLost)
+    assert str(exc) == ("workers keep dying at start-up; last: scripted worker died at "
+                        "start-up")
+    with pytest.raises(WorkerLost, match="keep dying at start-up"):
+        pool.submit(operator.add, 1, 1)
+    pool.shutdown()
+    assert pool.started == MAX_START_FAILURES
+
+
+def test_pool_core_start_failures_must_be_in_a_row_and_cancel_skips_queued_work():
+    from gp_loss.execution.base import MAX_START_FAILURES
+
+    fails = [False] * (MAX_START_FAILURES - 1)
+    pool = _ScriptedPool.make(workers=1, starts=fails + [True] + fails + [True])
+    with pool:
+        assert pool.submit(operator.add, 1, 1).result(timeout=10) == 2
+        pool.submit(_always_die).exception(timeout=10)  # the ready worker dies: replaced
+        assert pool.submit(operator.add, 2, 1).result(timeout=10) == 3
+    pool = _ScriptedPool.make(workers=1, starts=[False])  # no worker ready for a moment
+    first = pool.submit(time.sleep, 0)
+    pool.shutdown(cancel=True)
+    assert first.cancelled() or first.done()
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(operator.add, 1, 1)

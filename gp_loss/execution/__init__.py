@@ -1,5 +1,6 @@
-"""Where evaluations run: the executor interface (``base``), the process pool (``process``) and
-Ray (``ray_backend``); ``make_executor`` builds the one ``config.ExecutorConfig`` names."""
+"""Where evaluations run: the executor interface and the serial executor (``base``), the
+queue/retry/give-up core the worker backends share (``pool``), the process pool (``process``)
+and Ray (``ray_backend``); ``make_executor`` builds the one ``config.ExecutorConfig`` names."""
 from __future__ import annotations
 
 from ..config import EXECUTOR_KINDS, ConfigError

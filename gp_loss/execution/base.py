@@ -3,8 +3,9 @@
 ``EvaluationTimeout``, ``RemoteTraceback`` as the worker's traceback), ``wait_first``, the
 torch thread limit each worker applies, and the in-process ``SerialExecutor``.
 
-Backends: ``process.py`` (spawned worker processes) and ``ray_backend.py`` (Ray actors);
-``make_executor`` (the package's ``__init__``) builds the one a config asks for.
+Backends: ``process.py`` (spawned worker processes) and ``ray_backend.py`` (Ray actors), both
+on the queue/retry/give-up core of ``pool.py``; ``make_executor`` (the package's ``__init__``)
+builds the one a config asks for.
 """
 from __future__ import annotations
 

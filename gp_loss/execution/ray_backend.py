@@ -24,12 +24,13 @@ handled in completion order).
   unaffected. (Ray reports the death of an idle actor only when it is next given work, so
   that evaluation counts as the one lost.)
 
-One dispatcher thread makes every call into Ray after start-up; Ray's completion callbacks
-only post events to it, so results are handled in the order Ray completes them.
+The queue, retries and giving up are the shared core's (``pool.py``); this backend starts,
+feeds and watches actors. One dispatcher thread makes every call into Ray after start-up;
+Ray's completion callbacks only post events to it, so results are handled in the order Ray
+completes them.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import logging
 import os
@@ -37,12 +38,11 @@ import queue
 import re
 import signal
 import socket
-import threading
 from typing import Any, Callable
 
 from ..config import ConfigError
-from .base import (MAX_START_FAILURES, THREAD_ENV, Executor, RemoteTraceback, WorkerLost,
-                   set_torch_threads)
+from .base import THREAD_ENV, set_torch_threads
+from .pool import Slot, Task, WorkerPool
 from ..errors import describe, first_line
 
 log = logging.getLogger(__name__)
@@ -91,44 +91,27 @@ class EvalActor:
         return fn(*args, **kwargs)
 
 
-class _Task:
-    __slots__ = ("future", "payload", "attempt")
-
-    def __init__(self, future: cf.Future, payload: Any):
-        self.future, self.payload, self.attempt = future, payload, 0
-
-    def drop(self, reason: str) -> None:
-        """Not run: cancel it, or fail it when it already ran on a worker that died."""
-        if self.attempt == 0:
-            self.future.cancel()
-        elif not self.future.done():
-            self.future.set_exception(WorkerLost(reason))
-
-
-class _Slot:
-    """One actor incarnation; a replacement is a new ``_Slot`` in the same place."""
-
-    __slots__ = ("handle", "pid", "host", "ready", "task", "ref")
+class _Actor(Slot):
+    """One actor incarnation; a replacement is a new ``_Actor`` in the same place."""
 
     def __init__(self, handle: Any):
-        self.handle, self.pid, self.host = handle, None, "?"
-        self.ready, self.task, self.ref = False, None, None
+        super().__init__()
+        self.handle, self.pid, self.host, self.ref = handle, None, "?", None
 
     def where(self) -> str:
         return f" (pid {self.pid} on {self.host})" if self.pid else ""
 
 
-class RayExecutor(Executor):
+class RayExecutor(WorkerPool):
     """``workers`` Ray actors; a dead actor is replaced and its evaluation retried or failed."""
 
     kind = "ray"
+    noun = "ray actors"
 
     def __init__(self, workers: int = 1, threads: int = 1, *, retries: int = 0,
                  address: str = "", gpus_per_eval: float = 0.0):
         ray = import_ray()
         self._ray = ray
-        self.capacity = workers
-        self._retries = retries
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
             self._connect(address, workers * max(threads, 1))
@@ -136,16 +119,9 @@ class RayExecutor(Executor):
         self._actor_cls = ray.remote(num_cpus=max(threads, 1), num_gpus=gpus_per_eval,
                                      max_restarts=0, max_task_retries=0)(EvalActor)
         self._threads = threads
-        self._lock = threading.Lock()
+        # Ray's completion callbacks run on Ray's threads: they only post events here.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._queue: collections.deque[_Task] = collections.deque()
-        self._closing = self._abort = False
-        self._broken: str | None = None
-        self._start_failures = 0
-        self._slots = [self._new_slot() for _ in range(workers)]
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="gp-loss-ray-executor")
-        self._thread.start()
+        super().__init__(workers, retries, thread_name="gp-loss-ray-executor")
 
     def _connect(self, address: str, num_cpus: int) -> None:
         if not address:
@@ -170,155 +146,70 @@ class RayExecutor(Executor):
             raise ConfigError(text)
         log.warning("%s; the workers wait until the cluster has them", text)
 
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> cf.Future:
-        with self._lock:
-            self._check_open()
-        # Serialized here, once: an unpicklable call fails in the caller, and a retry reuses it.
-        task = _Task(cf.Future(), self._ray.put((fn, args, kwargs)))
-        with self._lock:
-            self._check_open()  # again: a shutdown may have come in the meantime
-            self._queue.append(task)
+    # -- the pool's backend hooks --------------------------------------------------------
+
+    def _pack(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        return self._ray.put((fn, args, kwargs))  # serialised once: a retry reuses it
+
+    def _start(self) -> _Actor:
+        actor = _Actor(self._actor_cls.remote(self._threads))
+        actor.ref = actor.handle.ready.remote()
+        actor.ref.future().add_done_callback(lambda f: self._events.put(("ready", actor, f)))
+        return actor
+
+    def _send(self, actor: _Actor, task: Task) -> None:
+        actor.ref = actor.handle.run.remote(task.payload)
+        actor.ref.future().add_done_callback(lambda f: self._events.put(("done", actor, f)))
+
+    def _wake(self) -> None:
         self._events.put(("wake", None, None))
-        return task.future
 
-    def _check_open(self) -> None:
-        if self._closing:
-            raise RuntimeError("executor is shut down")
-        if self._broken:
-            raise WorkerLost(self._broken)
-
-    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
-        with self._lock:
-            self._closing = True
-            if cancel:
-                self._abort = True
-                while self._queue:
-                    self._queue.popleft().drop("executor shut down")
-        self._events.put(("wake", None, None))
-        if (wait or cancel) and threading.current_thread() is not self._thread:
-            self._thread.join()
-
-    # -- dispatcher thread ---------------------------------------------------------------
-
-    def _new_slot(self) -> _Slot:
-        slot = _Slot(self._actor_cls.remote(self._threads))
-        slot.ref = slot.handle.ready.remote()
-        slot.ref.future().add_done_callback(lambda f: self._events.put(("ready", slot, f)))
-        return slot
-
-    def _run(self) -> None:
-        try:
-            while self._step():
-                pass
-        except BaseException as exc:  # a bug here must fail the futures, not leave them hanging
-            self._broken = f"ray executor failed: {type(exc).__name__}: {exc}"
-            raise
-        finally:
-            self._stop()
-
-    def _step(self) -> bool:
-        with self._lock:
-            if self._abort:
-                return False
-            self._dispatch()
-            if self._closing and not self._queue and not any(s.task for s in self._slots):
-                return False
-        kind, slot, fut = self._events.get()
-        if slot is None or slot not in self._slots:
-            return True  # a wake-up, or news of an actor already replaced
+    def _wait(self) -> None:
+        kind, actor, fut = self._events.get()
+        if actor is None or actor not in self._slots:
+            return  # a wake-up, or news of an actor already replaced
         if kind == "ready":
-            self._on_ready(slot, fut)
+            self._on_ready(actor, fut)
         else:
-            self._on_done(slot, fut)
-        return True
+            self._on_done(actor, fut)
 
-    def _dispatch(self) -> None:
-        for slot in self._slots:
-            while slot.ready and slot.task is None and self._queue:
-                task = self._queue.popleft()
-                if task.attempt == 0 and not task.future.set_running_or_notify_cancel():
-                    continue  # cancelled while queued
-                slot.task, slot.ref = task, slot.handle.run.remote(task.payload)
-                slot.ref.future().add_done_callback(
-                    lambda f, s=slot: self._events.put(("done", s, f)))
-
-    def _on_ready(self, slot: _Slot, fut: cf.Future) -> None:
+    def _on_ready(self, actor: _Actor, fut: cf.Future) -> None:
         exc = fut.exception()
         if exc is None:
-            slot.pid, slot.host = fut.result()
-            slot.ready, self._start_failures = True, 0
-            return
-        self._start_failures += 1
-        reason = f"ray actor failed to start: {describe(exc, 300)}"
-        if self._start_failures >= MAX_START_FAILURES:
-            self._give_up(f"ray actors keep dying at start-up; last: {reason}")
+            actor.pid, actor.host = fut.result()
+            self._worker_ready(actor)
         else:
-            self._replace(slot)
+            self._worker_lost(actor, f"ray actor failed to start: {describe(exc, 300)}")
 
-    def _on_done(self, slot: _Slot, fut: cf.Future) -> None:
-        task, slot.task, slot.ref = slot.task, None, None
+    def _on_done(self, actor: _Actor, fut: cf.Future) -> None:
+        actor.ref = None
         exc = fut.exception()
         ray_exc = self._ray.exceptions
         if exc is None:
-            task.future.set_result(fut.result())
+            self._task_done(actor, result=fut.result())
         elif isinstance(exc, ray_exc.RayTaskError):  # fn raised: carry its own exception
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             # Ray's "dual" exception (a subclass of both) lacks traceback_str; its text has it.
             text = getattr(exc, "traceback_str", None) or str(exc)
-            cause.__cause__ = RemoteTraceback(_ANSI.sub("", text))
-            task.future.set_exception(cause)
+            self._task_done(actor, exc=cause, traceback=_ANSI.sub("", text))
         elif isinstance(exc, ray_exc.RayError):  # the actor, its worker or its node is gone
             # A stable start ("ray actor died while evaluating"), so that reports group them.
-            reason = f"ray actor died while evaluating{slot.where()}: {_death_reason(exc)}"
-            if task.attempt < self._retries:  # queued first: _replace then keeps the slot
-                task.attempt += 1
-                log.warning("%s; retry %d of %d", reason, task.attempt, self._retries)
-                with self._lock:
-                    self._queue.appendleft(task)
-            else:
-                tries = f" (after {task.attempt} retries)" if task.attempt else ""
-                task.future.set_exception(WorkerLost(reason + tries))
-            self._replace(slot)
+            self._worker_lost(actor, f"ray actor died while evaluating{actor.where()}: "
+                                     f"{_death_reason(exc)}")
         else:
-            task.future.set_exception(exc)
+            self._task_done(actor, exc=exc)
 
-    def _replace(self, slot: _Slot) -> None:
-        self._kill(slot)
-        index = self._slots.index(slot)
-        with self._lock:
-            needed = not self._closing or self._queue or any(s.task for s in self._slots)
-        if needed:
-            self._slots[index] = self._new_slot()
-        else:
-            self._slots.pop(index)
-
-    def _kill(self, slot: _Slot) -> None:
+    def _retire(self, actor: _Actor) -> None:
         try:
-            self._ray.kill(slot.handle, no_restart=True)
+            self._ray.kill(actor.handle, no_restart=True)
         except Exception:  # already dead, or the cluster is gone: nothing left to stop
             pass
 
-    def _give_up(self, reason: str) -> None:
-        with self._lock:
-            self._broken, self._abort = reason, True
-            tasks = list(self._queue)
-            self._queue.clear()
-        for task in tasks:
-            if task.attempt == 0 and not task.future.set_running_or_notify_cancel():
-                continue
-            task.future.set_exception(WorkerLost(reason))
+    def _stop_all(self, abort: bool) -> None:
+        for actor in self._slots:
+            self._retire(actor)
 
-    def _stop(self) -> None:
-        why = self._broken or "executor shut down during the evaluation"
-        for slot in self._slots:
-            if slot.task is not None and not slot.task.future.done():
-                slot.task.future.set_exception(WorkerLost(why))
-            slot.task = None
-            self._kill(slot)
-        self._slots = []
-        with self._lock:
-            while self._queue:
-                self._queue.popleft().drop(why)
+    def _close(self) -> None:
         if self._owns_connection:
             self._ray.shutdown()
 
