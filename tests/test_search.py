@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import time
 
 import pytest
 import torch
@@ -613,3 +614,48 @@ def test_population_core_is_pure_and_follows_aging_evolution():
     assert pop.insert(M(6, 3, 0.3)).id == 2                      # the best ages out too
     with pytest.raises(ValueError):
         Population(0)
+
+
+# --------------------------------------------------------------------------- proposals.vet
+
+def test_vet_gives_one_verdict_shape_for_every_outcome_and_seeds_are_forced():
+    from gp_loss.lang.psets import load_pset
+    from gp_loss.screen.novelty import NoveltyIndex
+    from gp_loss.search.proposals import Attempts, forced, vet
+
+    pset = load_pset("paper")
+    ce, sq = parse("neg(mul(y, log(p)))", pset), parse("square(sub(y, p))", pset)
+    pool, past = NoveltyIndex(), NoveltyIndex()
+
+    def judge(tree, tolerance=0.0, phenotypes=()):
+        return vet(tree, pset, pool=pool, past=past, phenotypes=list(phenotypes),
+                   tolerance=tolerance)
+
+    first = judge(ce)
+    assert (first.status, first.accepted, first.reason, first.past_id) == ("new", True, None,
+                                                                           None)
+    assert first.key and first.phenotype is not None and first.sign == first.screened.sign
+    const = judge(parse("add(y, y)", pset))
+    assert (const.status, const.accepted) == ("rejected", False)
+    assert const.reason.startswith("integrity") and const.key is None
+    pool.add(7, first.key, first.screened.fingerprint)
+    dup = judge(parse("neg(mul(log(p), y))", pset))  # the same loss, written otherwise
+    assert (dup.status, dup.reason) == ("duplicate", "same as #7")
+    near = judge(sq, tolerance=1e9, phenotypes=[first.phenotype])
+    assert (near.status, near.reason) == ("near_duplicate", "phenotype within tolerance")
+    past.add(3, judge(sq).key, judge(sq).screened.fingerprint)
+    again = judge(sq)
+    assert (again.status, again.accepted, again.past_id) == ("reuse", True, 3)
+    # A seed is evaluated whatever the screen, novelty or an earlier result say ...
+    for verdict, tree in ((const, parse("add(y, y)", pset)), (near, sq), (again, sq)):
+        seed = forced(tree, pset, verdict)
+        assert (seed.status, seed.past_id, seed.phenotype) == ("new", None, None) and seed.key
+    assert forced(ce, pset, dup) is dup  # ... except a duplicate of what is in the pool
+
+    tried = Attempts(pset, "child", 5)
+    tried.reject(ce, "duplicate", "same as #7", parent=2, mutation="node", seconds=0.25)
+    assert tried.rows == [dict(expr="neg(mul(y, log(p)))", status="duplicate",
+                               reason="same as #7", phase="child", birth=5, parent_id=2,
+                               mutation="node", engine_seconds=0.25)]
+    own = tried.own_seconds()  # the clock since the start less what the rows already hold
+    assert -0.25 < own <= time.perf_counter() - tried.t0 - 0.25

@@ -28,10 +28,11 @@ exactly what the uninterrupted run would have. Each step is one store transactio
 its result, the population change and the counters are committed together. After a kill,
 ``resume`` re-submits the pending evaluations and carries on, losing and repeating nothing.
 
-Fed by ``config`` (what to do), ``trees`` (mutations), ``screen`` (checks and novelty),
-``symbolic`` (canonical keys), ``cache`` (results across runs), ``executors`` + ``fitness``
-(evaluations) and ``store`` (the only place state lives between steps). The start (reference, seeding, initial
-selection) and the re-evaluations with more seeds are in ``start.py``; the population core in ``population.py``.
+Fed by ``config`` (what to do), ``lang.variation`` (mutations), ``proposals`` (screening,
+duplicates, novelty: one ``Verdict`` per tree), ``cache`` (results across runs), ``execution`` +
+``surrogate.fitness`` (evaluations) and ``runs.store`` (the only place state lives between
+steps). The start (reference, seeding, initial selection) and the re-evaluations with more
+seeds are in ``start.py``; the aging-evolution core in ``population.py``.
 """
 from __future__ import annotations
 
@@ -42,16 +43,18 @@ import random
 import time
 from dataclasses import asdict
 
+from ..config import Config, config_to_dict
+from ..execution import make_executor, wait_first
+from ..lang.psets import load_pset
+from ..lang.trees import to_text
+from ..lang.variation import mutate
+from ..runs.store import tie_value
+from ..screen import novelty
+from ..surrogate.fitness import evaluate
 from .cache import FitnessCache, default_path, settings_digest
 from .population import Population
-from ..config import Config, config_to_dict
+from .proposals import Attempts, Verdict, vet
 from .start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
-from ..execution import make_executor, wait_first
-from ..surrogate.fitness import evaluate
-from ..lang.psets import load_pset
-from ..runs.store import rank_key, tie_value
-from ..lang.trees import parse, to_text
-from ..lang.variation import mutate
 
 log = logging.getLogger("gp_loss.search")
 
@@ -59,12 +62,7 @@ log = logging.getLogger("gp_loss.search")
 
 class Evolution(StartPhases):
     def __init__(self, store, cfg: Config, progress=None):
-        from ..lang import symbolic
-        from ..screen import integrity as screen
-        from ..screen import novelty
-
         self.store, self.cfg, self.progress = store, cfg, progress
-        self.screen, self.novelty, self.symbolic = screen, novelty, symbolic
         s = cfg.search
         self.pset = load_pset(s.pset)
         if s.max_depth or s.max_size:  # a run may tighten or loosen the set's size limits
@@ -85,62 +83,6 @@ class Evolution(StartPhases):
         self.past_rows: dict[int, dict] = {}
         self.stop_reason = None
         self.best = None                     # (fitness, expression text), best so far
-
-    # ------------------------------------------------------------------ resume from the store
-    def _load(self):
-        st = self.store.state()
-        # A finished run resumed with a larger `children` simply carries on evolving.
-        phase = st.get("phase", self.first_phase)
-        self.phase = {"done": "evolve"}.get(phase, phase)
-        self.next_init = st.get("next_init", 0)
-        self.next_birth = st.get("next_birth", 1)
-        self.children_done = st.get("children_done", 0)
-        self.refs_done = st.get("refs_done", False)
-        member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
-        self.queue = []
-        for row in self.store.candidates():
-            if row["phase"] == "reeval":
-                self.promoted.add(row["parent_id"])
-                if row["status"] == "pending":
-                    cand = Cand(row["id"], None, row["key"], None, None, row["sign"] or 1,
-                                birth=row["birth"], phase="reeval", parent=row["parent_id"])
-                    self.queue.append((row["id"], row["expr"], row["sign"] or 1, cand))
-                continue
-            if row["phase"] not in ("seeding", "initial", "child", "reference"):
-                continue  # e.g. elimination re-runs: not part of the search's state
-            if row["phase"] == "seeding" and self.phase != "seeding":
-                continue  # a cheap fitness: never reused for, or ranked with, the surrogate's
-            if row["phase"] == "reference" or row["status"] not in ("evaluated", "reused",
-                                                                       "failed", "pending"):
-                if row["phase"] == "reference" and row["status"] == "pending":
-                    self.queue.append((row["id"], row["expr"], row["sign"] or 1, None))
-                continue
-            cand = self._cand_from_row(row)
-            if row["phase"] != "seeding":  # over the whole run, not only members
-                self._note_best(cand.fitness, row["expr"])
-            if row["status"] == "pending":  # resume: re-submitted first, in id order
-                self.queue.append((row["id"], row["expr"], row["sign"] or 1, cand))
-                self.pool.add(cand.id, cand.key, cand.fingerprint)
-            elif row["id"] in member_ids:
-                cand.age = member_ids[row["id"]]
-                self._add_member(cand)
-            elif self.phase in ("seeding", "initial") and row["phase"] == self.phase:
-                self.pool.add(cand.id, cand.key, cand.fingerprint)  # dedup within the pool
-            else:
-                self._add_past(cand, row)
-
-    def _cand_from_row(self, row) -> Cand:
-        tree = parse(row["expr"], self.pset)
-        scr = self.screen.screen(tree, self.pset)
-        sign = row["sign"] if row["sign"] is not None else scr.sign
-        birth = row["birth"] or 0
-        # A child's age is its birth number (as in _commit_child): a child still in flight
-        # when the run stopped must not come back as old as the initial members.
-        ok = row["status"] in ("evaluated", "reused")
-        return Cand(row["id"], tree, row["key"], scr.fingerprint,
-                    self.novelty.phenotype(scr.curve, sign) if scr.curve is not None else None,
-                    sign, row["fitness"] if ok else None, tie_value(row) if ok else None,
-                    age=birth if row["phase"] == "child" else 0, birth=birth, phase=row["phase"])
 
     # ------------------------------------------------------------------ bookkeeping helpers
     def _rng(self, *parts) -> random.Random:
@@ -176,42 +118,15 @@ class Evolution(StartPhases):
                              refs_done=self.refs_done, wall_seconds=self._wall(), **extra)
 
     # ------------------------------------------------------------------ screening + novelty
-    def _vet(self, tree):
-        """('rejected'|'duplicate'|'near_duplicate', reason) or ('new'|'reuse', Cand-ish info)."""
-        scr = self.screen.screen(tree, self.pset)
-        if not scr.accepted:
-            return "rejected", scr.reason, scr
-        # Fingerprint first: most duplicates are caught there, and the SymPy key (the driver's
-        # dearest step) is then never computed for them.
-        key, hit = None, self.pool.find(None, scr.fingerprint)
-        if hit is None:
-            key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
-            hit = self.pool.find(key, None)
-        if hit is not None:
-            return "duplicate", f"same as #{hit}", (scr, key)
-        tol = self.cfg.search.phenotype_tolerance
-        phen = self.novelty.phenotype(scr.curve, scr.sign)
-        if tol > 0 and phen is not None:
-            others = [c.phenotype for c in self.population if c.phenotype is not None]
-            if self.novelty.near_duplicate(phen, others, tol):
-                return "near_duplicate", "phenotype within tolerance", (scr, key)
-        past = self.past.find(key, scr.fingerprint)
-        return ("reuse" if past is not None else "new"), past, (scr, key, phen)
-
-    @staticmethod
-    def _own_seconds(t0, rows) -> float:
-        """Driver seconds since t0 not already recorded on the rejected rows before it."""
-        return time.perf_counter() - t0 - sum(r["engine_seconds"] for r in rows)
-
-    def _reject_row(self, tree, status, reason, phase, birth, parent, kind, secs):
-        return dict(expr=to_text(tree, self.pset), status=status, reason=str(reason),
-                    phase=phase, birth=birth, parent_id=parent, mutation=kind,
-                    engine_seconds=secs)
+    def _vet(self, tree) -> Verdict:
+        return vet(tree, self.pset, pool=self.pool, past=self.past,
+                   phenotypes=[c.phenotype for c in self.population],
+                   tolerance=self.cfg.search.phenotype_tolerance)
 
     # ------------------------------------------------------------------ proposals
     def _propose_child(self):
         s, n = self.cfg.search, self.next_birth
-        rows, t0 = [], time.perf_counter()
+        tried = Attempts(self.pset, "child", n)
         for rnd in range(MAX_ROUNDS):
             rng = self._rng("child", n, rnd)
             parent = self.population.tournament(rng, s.tournament)
@@ -219,50 +134,50 @@ class Evolution(StartPhases):
                 t1 = time.perf_counter()
                 child, kind = mutate(parent.tree, self.pset, rng, self.weights)
                 if child is None:
-                    rows.append(self._reject_row(parent.tree, "rejected", "no_valid_mutation",
-                                                 "child", n, parent.id, kind, 0.0))
+                    tried.reject(parent.tree, "rejected", "no_valid_mutation", parent=parent.id,
+                                 mutation=kind)
                     continue
-                status, info, extra = self._vet(child)
-                if status in ("new", "reuse"):
-                    return self._commit_child(n, rows, child, kind, parent, status, info,
-                                              extra, t0)
-                rows.append(self._reject_row(child, status, info, "child", n, parent.id, kind,
-                                             time.perf_counter() - t1))
-            rows.append(self._reject_row(parent.tree, "rejected", "max_retries", "child", n,
-                                         parent.id, None, 0.0))
+                verdict = self._vet(child)
+                if verdict.accepted:
+                    return self._commit_child(tried, child, kind, parent, verdict)
+                tried.reject(child, verdict.status, verdict.reason, parent=parent.id,
+                             mutation=kind, seconds=time.perf_counter() - t1)
+            tried.reject(parent.tree, "rejected", "max_retries", parent=parent.id)
             if self._out_of_time():
-                self._give_up(rows, "max_minutes reached while looking for an acceptable child")
-        self._give_up(rows, f"no acceptable child after {MAX_ROUNDS} parents x "
-                            f"{s.max_retries} retries: the search space looks exhausted")
+                self._give_up(tried, "max_minutes reached while looking for an acceptable child")
+        self._give_up(tried, f"no acceptable child after {MAX_ROUNDS} parents x "
+                             f"{s.max_retries} retries: the search space looks exhausted")
 
     def _out_of_time(self) -> bool:
         m = self.cfg.search.max_minutes
         return bool(m) and time.monotonic() - self.t_start > 60 * m
 
-    def _give_up(self, rows, why):
+    def _give_up(self, tried: Attempts, why):
         """Keep the rejected attempts (they are part of the run's record), then stop."""
         with self.store.transaction():
-            for r in rows:
+            for r in tried.rows:
                 self.store.add_candidate(**r)
             self._state()
         raise SearchStopped(why)
 
-    def _commit_child(self, n, rows, child, kind, parent, status, past_id, extra, t0):
-        scr, key, phen = extra
+    def _commit_child(self, tried: Attempts, child, mutation, parent: Cand, verdict: Verdict):
+        """Store the attempts and the accepted child (a reused result, or pending and then
+        submitted) in one transaction."""
+        n, scr, key = tried.birth, verdict.screened, verdict.key
         text = to_text(child, self.pset)
-        cand = Cand(0, child, key, scr.fingerprint, phen, scr.sign, birth=n, age=n)
+        cand = Cand(0, child, key, scr.fingerprint, verdict.phenotype, scr.sign, birth=n, age=n)
         with self.store.transaction():
-            for r in rows:
+            for r in tried.rows:
                 self.store.add_candidate(**r)
             common = dict(phase="child", birth=n, key=key, sign=scr.sign, parent_id=parent.id,
-                          mutation=kind)
-            if status == "reuse":
+                          mutation=mutation, engine_seconds=tried.own_seconds())
+            if verdict.status == "reuse":
+                past_id = verdict.past_id
                 old = self.past_rows[past_id]
                 ok = old["status"] in ("evaluated", "reused") and old["fitness"] is not None
                 cand.id = self.store.add_candidate(
                     text, "reused", reason=f"same as #{past_id}",
-                    fitness=old["fitness"] if ok else None, result=old.get("result"),
-                    engine_seconds=self._own_seconds(t0, rows), **common)
+                    fitness=old["fitness"] if ok else None, result=old.get("result"), **common)
                 cand.fitness = old["fitness"] if ok else None
                 cand.val_nll = tie_value(old) if ok else None
                 self.children_done += 1
@@ -271,13 +186,11 @@ class Evolution(StartPhases):
                 else:
                     self._add_past(cand, {**old, "id": cand.id})
             else:
-                cand.id = self.store.add_candidate(text, "pending",
-                                                   engine_seconds=self._own_seconds(t0, rows),
-                                                   **common)
+                cand.id = self.store.add_candidate(text, "pending", **common)
                 self.pool.add(cand.id, key, scr.fingerprint)
             self.next_birth = n + 1
             self._state()
-        if status == "reuse":
+        if verdict.status == "reuse":
             if self.progress is not None:
                 self.progress.advance()
         else:

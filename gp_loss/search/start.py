@@ -9,6 +9,8 @@ steady state, as a mixin of ``evolution.Evolution`` (which holds the state they 
   ``initial`` rows that trained, all equally old (``initial_population``, which ``plot`` uses).
 * ``reeval``: with ``search.reeval_seeds > 1``, a member that survived ``reeval_after`` births
   is trained with more seeds and its fitness becomes the mean (a failed seed counts 0).
+* ``_load``: the driver's state rebuilt from the store (phase and counters, members, what is
+  pending, what was evaluated earlier), at the start, on resume and after each start phase.
 
 Every proposal is stored (``pending``) in one transaction before it is submitted, so the
 loop's resume re-submits exactly what was in flight.
@@ -20,9 +22,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..runs.store import row_rank_key, tie_value
+from ..lang import symbolic
 from ..lang.trees import parse, to_text
 from ..lang.variation import random_tree
+from ..runs.store import row_rank_key, tie_value
+from ..screen import integrity, novelty
+from .proposals import Attempts, forced
 
 log = logging.getLogger("gp_loss.search")
 
@@ -62,17 +67,74 @@ def initial_population(rows, population: int) -> list[dict]:
 
 
 class StartPhases:
-    """Mixin of ``Evolution``: reference, seeding/initial proposals and selection, and
-    re-evaluation with more seeds."""
+    """Mixin of ``Evolution``: loading state from the store, reference, seeding/initial
+    proposals and selection, and re-evaluation with more seeds."""
 
+    # ------------------------------------------------------------------ state from the store
+    def _load(self):
+        st = self.store.state()
+        # A finished run resumed with a larger `children` simply carries on evolving.
+        phase = st.get("phase", self.first_phase)
+        self.phase = {"done": "evolve"}.get(phase, phase)
+        self.next_init = st.get("next_init", 0)
+        self.next_birth = st.get("next_birth", 1)
+        self.children_done = st.get("children_done", 0)
+        self.refs_done = st.get("refs_done", False)
+        member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
+        self.queue = []
+        for row in self.store.candidates():
+            if row["phase"] == "reeval":
+                self.promoted.add(row["parent_id"])
+                if row["status"] == "pending":
+                    cand = Cand(row["id"], None, row["key"], None, None, row["sign"] or 1,
+                                birth=row["birth"], phase="reeval", parent=row["parent_id"])
+                    self.queue.append((row["id"], row["expr"], row["sign"] or 1, cand))
+                continue
+            if row["phase"] not in ("seeding", "initial", "child", "reference"):
+                continue  # e.g. elimination re-runs: not part of the search's state
+            if row["phase"] == "seeding" and self.phase != "seeding":
+                continue  # a cheap fitness: never reused for, or ranked with, the surrogate's
+            if row["phase"] == "reference" or row["status"] not in ("evaluated", "reused",
+                                                                       "failed", "pending"):
+                if row["phase"] == "reference" and row["status"] == "pending":
+                    self.queue.append((row["id"], row["expr"], row["sign"] or 1, None))
+                continue
+            cand = self._cand_from_row(row)
+            if row["phase"] != "seeding":  # over the whole run, not only members
+                self._note_best(cand.fitness, row["expr"])
+            if row["status"] == "pending":  # resume: re-submitted first, in id order
+                self.queue.append((row["id"], row["expr"], row["sign"] or 1, cand))
+                self.pool.add(cand.id, cand.key, cand.fingerprint)
+            elif row["id"] in member_ids:
+                cand.age = member_ids[row["id"]]
+                self._add_member(cand)
+            elif self.phase in ("seeding", "initial") and row["phase"] == self.phase:
+                self.pool.add(cand.id, cand.key, cand.fingerprint)  # dedup within the pool
+            else:
+                self._add_past(cand, row)
+
+    def _cand_from_row(self, row) -> Cand:
+        tree = parse(row["expr"], self.pset)
+        scr = integrity.screen(tree, self.pset)
+        sign = row["sign"] if row["sign"] is not None else scr.sign
+        birth = row["birth"] or 0
+        # A child's age is its birth number (as in _commit_child): a child still in flight
+        # when the run stopped must not come back as old as the initial members.
+        ok = row["status"] in ("evaluated", "reused")
+        return Cand(row["id"], tree, row["key"], scr.fingerprint,
+                    novelty.phenotype(scr.curve, sign) if scr.curve is not None else None,
+                    sign, row["fitness"] if ok else None, tie_value(row) if ok else None,
+                    age=birth if row["phase"] == "child" else 0, birth=birth, phase=row["phase"])
+
+    # ------------------------------------------------------------------ the start
     def _propose_reference(self):
         s, todo = self.cfg.search, []
         with self.store.transaction():
             for i, expr in enumerate(s.reference):
                 tree = parse(expr, self.pset)
-                integ = self.screen.integrity(tree, self.pset)
+                integ = integrity.integrity(tree, self.pset)
                 sign = integ.sign if integ.accepted else 1
-                key = self.symbolic.canonical_key(tree, self.pset, sign)
+                key = symbolic.canonical_key(tree, self.pset, sign)
                 cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
                                                phase="reference", birth=i, sign=sign, key=key,
                                                reason=f"reference {expr}")
@@ -85,40 +147,36 @@ class StartPhases:
     def _propose_initial(self):
         """Propose initial candidate number next_init (seeds first, then random trees)."""
         s, i, phase = self.cfg.search, self.next_init, self.first_phase
-        rows, t0 = [], time.perf_counter()
+        tried = Attempts(self.pset, phase, i)
         seeds = list(s.seed_with)
         rng = self._rng("initial", i)
         for attempt in itertools.count():
             if attempt >= MAX_ROUNDS * s.max_retries or self._out_of_time():
-                self._give_up(rows, f"no new acceptable initial candidate after {attempt} random "
-                                    "trees: the primitive set looks too small for search.initial")
+                self._give_up(tried, f"no new acceptable initial candidate after {attempt} "
+                                     "random trees: the primitive set looks too small for "
+                                     "search.initial")
             t1 = time.perf_counter()
-            if i < len(seeds):
-                tree, forced = parse(seeds[i], self.pset), True
-            else:
-                tree, forced = random_tree(self.pset, rng), False
-            status, info, extra = self._vet(tree)
-            if forced and status in ("rejected", "near_duplicate", "reuse"):
-                scr = extra if status == "rejected" else extra[0]
-                key = self.symbolic.canonical_key(tree, self.pset, scr.sign)
-                status, info, extra = "new", None, (scr, key, None)
-            if status in ("new", "reuse"):
+            seed = i < len(seeds)
+            tree = parse(seeds[i], self.pset) if seed else random_tree(self.pset, rng)
+            verdict = self._vet(tree)
+            if seed:
+                verdict = forced(tree, self.pset, verdict)
+            if verdict.accepted:
                 break
-            rows.append(self._reject_row(tree, status, info, phase, i, None, None,
-                                         time.perf_counter() - t1))
-            if forced:  # a seed that duplicates an earlier one: skip it
+            tried.reject(tree, verdict.status, verdict.reason, seconds=time.perf_counter() - t1)
+            if seed:  # a seed that duplicates an earlier one: skip it
                 tree = None
                 break
         with self.store.transaction():
-            for r in rows:
+            for r in tried.rows:
                 self.store.add_candidate(**r)
             if tree is not None:
-                scr, key, phen = extra
+                scr, key = verdict.screened, verdict.key
                 cid = self.store.add_candidate(to_text(tree, self.pset), "pending",
                                                phase=phase, birth=i, key=key, sign=scr.sign,
-                                               engine_seconds=self._own_seconds(t0, rows))
-                cand = Cand(cid, tree, key, scr.fingerprint, phen, scr.sign, birth=i,
-                            phase=phase)
+                                               engine_seconds=tried.own_seconds())
+                cand = Cand(cid, tree, key, scr.fingerprint, verdict.phenotype, scr.sign,
+                            birth=i, phase=phase)
                 self.pool.add(cid, key, scr.fingerprint)
             self.next_init = i + 1
             self._state()
@@ -140,7 +198,7 @@ class StartPhases:
                                          reason=f"re-score of #{r['id']}")
             self.phase = "initial"
             self._state()
-        self.pool = self.novelty.NoveltyIndex()
+        self.pool = novelty.NoveltyIndex()
         self._load()
         log.info("seeding done: the best %d of %d re-scored by the surrogate", len(self.queue),
                  len(rows))
@@ -155,8 +213,8 @@ class StartPhases:
             self.store.replace_population([(r["id"], 0) for r in keep])
             self.phase = "evolve"
             self._state()
-        self.pool, self.past, self.past_rows = (self.novelty.NoveltyIndex(),
-                                                self.novelty.NoveltyIndex(), {})
+        self.pool, self.past = novelty.NoveltyIndex(), novelty.NoveltyIndex()
+        self.past_rows = {}
         self.population.clear()
         self._load()
         log.info("initial population: %d members, best fitness %.4f", len(keep),
