@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .errors import InputError
+from .version import __version__
 
 __all__ = [
     "__version__", "InputError", "parse", "to_text", "check", "sign_of", "same", "simplify",
     "to_source", "compile_loss", "export", "load_pset", "available_psets", "random_tree",
     "mutate", "ParseError", "PSetError", "ZOO", "EPS",
 ]
-
-
-class InputError(ValueError):
-    """Bad user input that is not an expression or primitive-set problem (bad loss name, bad
-    output path, unknown format...). One-line message; the CLI maps it to exit code 2."""
 
 
 # name -> (module, attribute), resolved on first access by the module ``__getattr__``.
@@ -100,12 +96,7 @@ def sign_of(expr, pset="paper") -> int:
     """The orientation the integrity check gives ``expr`` (+1 or -1; +1 when it rejects)."""
     from .screen import integrity as screen
     pset = _pset(pset)
-    tree = _tree(expr, pset)
-    try:
-        result = screen.integrity(tree, pset)
-    except (RuntimeError, ArithmeticError, TypeError):  # cannot even be evaluated: rejected
-        return 1
-    return int(result.sign) if result.accepted and result.sign in (1, -1) else 1
+    return screen.sign_of(_tree(expr, pset), pset)
 
 
 def same(a, b, pset="paper") -> bool:
@@ -143,7 +134,8 @@ def export(exprs, path, pset="paper", names=None, fmt: str = "python") -> list:
     ``fmt``: ``python`` (standalone PyTorch, the printer's code), ``latex``, ``sympy`` or
     ``json`` -- what ``gp-loss export --expr`` writes. Returns the entries written."""
     from .lang import export as _export
-    return _export.export_exprs(exprs, path, pset, names, fmt)
+    from .screen import integrity as screen
+    return _export.export_exprs(exprs, path, pset, names, fmt, sign_of=screen.sign_of)
 
 
 def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -> str:
@@ -151,7 +143,11 @@ def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -
     torch and math). ``sign`` None: decided by the integrity check. ``formula`` None: the
     simplified formula goes in the docstring."""
     from .lang import export as _export
-    entry = _export.make_entry(expr, pset, name=name, sign=sign, formula=formula)
+    pset = _pset(pset)
+    tree = _tree(expr, pset)
+    sign = sign_of(tree, pset) if sign is None else sign
+    entry = _export.make_entry(tree, pset, name=name if name is not None else
+                               _export.default_name(expr, pset), sign=sign, formula=formula)
     return _export.render([entry], "python")
 
 

@@ -1,9 +1,16 @@
-"""The one way an exception becomes a short message: its first non-empty line.
+"""The one way an exception becomes a short message (its first non-empty line), and
+``InputError``, the bad-input error every layer may raise.
 
 Used wherever a failure is shown or stored as one line (CLI errors, failed evaluations' reasons,
 executor and data errors). No imports from the package: every layer may use it.
 """
 from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad user input that is not an expression or primitive-set problem (bad loss name, bad
+    output path, unknown format...). One-line message; the CLI maps it to exit code 2.
+    Exported by the package root as ``gp_loss.InputError``."""
 
 
 def _cut(text: str, limit: int | None) -> str:

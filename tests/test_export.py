@@ -13,6 +13,7 @@ import numpy as np
 import sympy
 import torch
 
+from gp_loss.screen.integrity import sign_of
 from gp_loss.lang import codegen
 
 from gp_loss.lang import export
@@ -36,7 +37,7 @@ def _doc_lines(form):
 
 
 def test_docstring_states_the_per_class_form(tmp_path):
-    entries = export.expr_entries([CE], names=["ce"])
+    entries = export.expr_entries([CE], names=["ce"], sign_of=sign_of)
     path = tmp_path / "ce_losses.py"
     export.write(entries, path)
     # One printer: the file is the text training compiles, and it still compiles and runs.
@@ -79,7 +80,8 @@ def test_the_stated_form_is_the_exported_loss(tmp_path):
     dropped constant -- so the docstring describes the loss that is minimised."""
     exprs = ["mul(y, log(p))", "baikal", "focal", "mse", "i1e_ratio",
              "add(neg(mul(y, log(p))), mul(y, sub(1, p)))"]
-    entries = export.expr_entries(exprs, names=[f"l{i}" for i in range(len(exprs))])
+    entries = export.expr_entries(exprs, names=[f"l{i}" for i in range(len(exprs))],
+                                  sign_of=sign_of)
     path = tmp_path / "several.py"
     export.write(entries, path)
     module = _import_file(path, "several_losses")
@@ -108,7 +110,8 @@ def test_the_stated_form_is_the_exported_loss(tmp_path):
 
 
 def test_constant_dropped_is_said():
-    entry = export.make_entry("add(neg(mul(y, log(p))), mul(y, sub(1, p)))", name="poly1")
+    entry = export.make_entry("add(neg(mul(y, log(p))), mul(y, sub(1, p)))", name="poly1",
+                              sign=1)
     assert entry["per_class"]["constant_dropped"] is True
     text = str(codegen.module_source([entry]))
     assert "additive constant dropped" in text
@@ -116,7 +119,8 @@ def test_constant_dropped_is_said():
 
 
 def test_json_entries_carry_per_class(tmp_path):
-    entries = export.expr_entries([CE, "mul(y, log(p))"], names=["ce", "mine"])
+    entries = export.expr_entries([CE, "mul(y, log(p))"], names=["ce", "mine"],
+                                  sign_of=sign_of)
     data = json.loads(export.render(entries, "json"))
     for item, expr in zip(data["losses"], [CE, "mul(y, log(p))"]):
         assert {"target", "other", "constant_dropped"} <= set(item["per_class"])
@@ -128,7 +132,7 @@ def test_json_entries_carry_per_class(tmp_path):
 
 
 def test_latex_shows_the_per_class_form():
-    entries = export.expr_entries(["baikal", "focal"])
+    entries = export.expr_entries(["baikal", "focal"], sign_of=sign_of)
     tex = export.render(entries, "latex")
     for e in entries:
         assert e["per_class"]["target_latex"] in tex
@@ -142,7 +146,7 @@ def test_latex_shows_the_per_class_form():
 
 def test_typed_set_has_no_per_class_form_and_says_why(tmp_path):
     pset = load_pset("typed")
-    entries = export.expr_entries(["ce(y, p)"], pset=pset)
+    entries = export.expr_entries(["ce(y, p)"], pset=pset, sign_of=sign_of)
     assert entries[0]["per_class"] is None
     reason = F.per_class_reason(pset)
     assert reason and entries[0]["per_class_reason"] == reason

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from gp_loss.screen.integrity import sign_of
 from gp_loss.lang import codegen
 
 from gp_loss.lang import export
@@ -239,7 +240,7 @@ def test_exported_file_imports_only_torch_and_math(lowered):
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     path = tmp_path_factory.mktemp("zoo") / "zoo_losses.py"
-    export.write(export.expr_entries(["ce", "baikal", "focal", "mse"]), path)
+    export.write(export.expr_entries(["ce", "baikal", "focal", "mse"], sign_of=sign_of), path)
     return _import_file(path, "zoo_losses")
 
 
@@ -340,7 +341,7 @@ def test_exported_file_runs_on_cuda(zoo):
 
 def test_sympy_export_is_the_exact_formula(tmp_path):
     import sympy
-    entries = export.expr_entries(["baikal", "focal"])
+    entries = export.expr_entries(["baikal", "focal"], sign_of=sign_of)
     path = tmp_path / "zoo_sympy.py"
     export.write(entries, path, "sympy")
     namespace: dict = {}
@@ -358,7 +359,8 @@ def test_sympy_export_is_the_exact_formula(tmp_path):
 
 def test_json_and_latex_exports(tmp_path):
     import json
-    entries = export.expr_entries(["ce", "mul(y, log(p))"], names=["ce", "mine"])
+    entries = export.expr_entries(["ce", "mul(y, log(p))"], names=["ce", "mine"],
+                                  sign_of=sign_of)
     export.write(entries, tmp_path / "l.json", "json")
     data = json.loads((tmp_path / "l.json").read_text())
     assert [x["name"] for x in data["losses"]] == ["ce", "mine"]

@@ -28,7 +28,7 @@ import traceback
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from ..errors import first_line
 
 log = logging.getLogger("gp_loss")
@@ -358,7 +358,9 @@ def export(run_dir, exprs, names, top, fmt, output, pset) -> None:
     else:
         if names and len(names) != len(exprs):
             raise click.UsageError(f"{len(names)} --name for {len(exprs)} --expr")
-        entries = exporter.expr_entries(exprs, pset or "paper", list(names) or None)
+        from ..screen.integrity import sign_of
+        entries = exporter.expr_entries(exprs, pset or "paper", list(names) or None,
+                                        sign_of=sign_of)
     exporter.write(entries, output, fmt)
     what = ", ".join(e["name"] for e in entries)
     log.info("wrote %d loss%s (%s) to %s as %s", len(entries), "" if len(entries) == 1 else "es",

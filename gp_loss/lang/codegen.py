@@ -24,7 +24,7 @@ import textwrap
 
 from deap import gp
 
-from .. import __version__
+from ..version import __version__
 from .psets import load_pset
 from .trees import format_number, to_text, var_name
 

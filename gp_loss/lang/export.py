@@ -16,8 +16,8 @@ training compiles -- so what trains is what exports (a run's export adds comment
 it imports only ``torch`` and ``math`` and carries the simplified formula
 (``formula.formula``) and the per-class form in each docstring; ``latex`` shows the per-class
 form under each formula, ``json`` carries ``per_class`` and ``per_class_reason``. Fed by ``trees``
-(parsed trees), ``codegen``, ``formula`` and ``screen`` (the sign); a run's entries come from
-``runs/export.py``.
+(parsed trees), ``codegen`` and ``formula``; the sign is the caller's (the integrity check's
+``screen.integrity.sign_of``, passed in); a run's entries come from ``runs/export.py``.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 from deap import gp
 
-from .. import InputError, __version__
+from ..errors import InputError
+from ..version import __version__
 from . import codegen
 from .psets import load_pset
 from .trees import parse, to_text, var_name
@@ -73,18 +74,14 @@ def per_class_of(tree, pset, sign) -> tuple:
     return form, None
 
 
-def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) -> dict:
-    """One entry from expression text or a tree; ``sign`` None: the integrity check decides;
+def make_entry(expr, pset="paper", name=None, *, sign: int, formula=None, **extra) -> dict:
+    """One entry from expression text or a tree, oriented by ``sign`` (+1 or -1: the caller
+    decides, usually ``screen.integrity.sign_of``; the language sits below the screen);
     ``formula`` None: the simplified formula (``formula.formula``). The entry also holds
     ``per_class`` (sign applied) and ``per_class_reason`` (:func:`per_class_of`)."""
     pset = load_pset(pset)
-    tree = parse(expr, pset) if isinstance(expr, str) else expr
-    if not isinstance(tree, gp.PrimitiveTree):
-        raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
+    tree = _tree(expr, pset)
     name = check_name(default_name(expr, pset) if name is None else name)
-    if sign is None:
-        from .. import sign_of
-        sign = sign_of(tree, pset)
     if formula is None:
         from . import formula as formula_mod
         formula = formula_mod.formula(tree, pset)
@@ -95,9 +92,17 @@ def make_entry(expr, pset="paper", name=None, sign=None, formula=None, **extra) 
             "per_class_reason": reason, **extra}
 
 
-def expr_entries(exprs, pset="paper", names=None) -> list:
-    """Entries for user expressions. Default names: the zoo name, else ``loss`` -- numbered
-    (``loss1``, ``loss2``...) when several expressions would otherwise share it."""
+def _tree(expr, pset) -> gp.PrimitiveTree:
+    tree = parse(expr, pset) if isinstance(expr, str) else expr
+    if not isinstance(tree, gp.PrimitiveTree):
+        raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
+    return tree
+
+
+def expr_entries(exprs, pset="paper", names=None, *, sign_of) -> list:
+    """Entries for user expressions, each oriented by ``sign_of(tree, pset)`` (the integrity
+    check's ``screen.integrity.sign_of``, passed in by the caller). Default names: the zoo
+    name, else ``loss`` -- numbered (``loss1``, ``loss2``...) when several would share it."""
     pset = load_pset(pset)
     exprs = list(exprs)
     if not exprs:
@@ -112,7 +117,9 @@ def expr_entries(exprs, pset="paper", names=None) -> list:
                     seen[n] = seen.get(n, 0) + 1
                     names[i] = f"{n}{seen[n]}"
     _unique(names)
-    return [make_entry(e, pset, name=n) for e, n in zip(exprs, names)]
+    trees = [_tree(e, pset) for e in exprs]
+    return [make_entry(t, pset, name=n, sign=sign_of(t, pset))
+            for t, n in zip(trees, names)]
 
 
 def run_lines(entries) -> list:
@@ -295,11 +302,13 @@ def write(entries, path, fmt: str = "python") -> str:
     return text
 
 
-def export_exprs(exprs, path, pset="paper", names=None, fmt: str = "python") -> list:
+def export_exprs(exprs, path, pset="paper", names=None, fmt: str = "python", *,
+                 sign_of) -> list:
     """Write one or several expressions to ``path`` ('-' = stdout) as a ``python`` module (the
     printer's source), ``latex``, ``sympy`` or ``json``. ``exprs``: one expression or a list;
     ``names``: default the zoo name, else ``loss`` (``loss1``, ``loss2``... for several).
-    Returns the entries written (the API's ``gp_loss.export(exprs, path, ...)``)."""
+    ``sign_of``: as for :func:`expr_entries`. Returns the entries written (the API's
+    ``gp_loss.export(exprs, path, ...)``)."""
     if isinstance(exprs, (str, gp.PrimitiveTree)):
         exprs = [exprs]
     if isinstance(names, str):
@@ -307,6 +316,7 @@ def export_exprs(exprs, path, pset="paper", names=None, fmt: str = "python") -> 
     exprs = list(exprs)
     if names is not None and len(names) != len(exprs):
         raise InputError(f"{len(names)} names for {len(exprs)} expressions")
-    entries = expr_entries(exprs, pset, None if names is None else list(names))
+    entries = expr_entries(exprs, pset, None if names is None else list(names),
+                           sign_of=sign_of)
     write(entries, path, fmt)
     return entries

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import InputError
+from ..errors import InputError
 from ..lang.export import make_entry
 from ..lang.psets import load_pset
 from .store import RunStore

@@ -20,7 +20,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import InputError
+from ..errors import InputError
 from ..search.start import initial_population
 from ..lang.psets import load_pset
 from .report import evaluated_rows, how_found, pareto_front

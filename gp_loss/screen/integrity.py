@@ -116,6 +116,16 @@ def judge_curve(curve) -> tuple:
     return False, "integrity_turning_points", 1
 
 
+def sign_of(tree, pset="paper") -> int:
+    """The orientation the integrity check gives ``tree`` (+1 or -1; +1 when it rejects or
+    cannot even evaluate it): the sign an export or a compiled loss applies by default."""
+    try:
+        result = integrity(tree, pset)
+    except (RuntimeError, ArithmeticError, TypeError):  # cannot even be evaluated: rejected
+        return 1
+    return int(result.sign) if result.accepted and result.sign in (1, -1) else 1
+
+
 def integrity(tree, pset="paper") -> Integrity:
     """The paper's integrity check (DESIGN §5.1) on the raw per-sample output of ``tree``."""
     curve = _evaluate(tree, pset)[2]
