@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gp_loss.runs.store import SCHEMA_VERSION, STATUSES, RunStore, StoreError, store_path
+from gp_loss.runs.schema import SCHEMA_VERSION, STATUSES
+from gp_loss.runs.store import RunStore, StoreError, store_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "results" / "mnist5k" / "run"  # a version-1 store: never written by a test
@@ -210,7 +211,7 @@ def test_top_breaks_fitness_ties_by_the_lower_validation_nll(store):
 
 # ------------------------------------------------------------------ schema 1 -> 2 (issue 13)
 
-# The version-1 schema as gp-loss wrote it (``_SCHEMA`` of SCHEMA_VERSION 1), verbatim: a
+# The version-1 schema as gp-loss wrote it (``store._SCHEMA`` at SCHEMA_VERSION 1), verbatim: a
 # ``fitness_cache`` table nothing read and three candidate columns nothing wrote.
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
@@ -406,7 +407,7 @@ def test_a_version_1_run_resumes_and_ends_as_the_uninterrupted_run(tmp_path, mon
 
 def test_a_failed_migration_leaves_the_version_1_store_as_it_was(tmp_path, monkeypatch):
     """All the migration's steps are one transaction: an error half-way leaves version 1."""
-    import gp_loss.runs.store as store_mod
+    import gp_loss.runs.schema as schema_mod
 
     with RunStore.create(tmp_path / "new", CONFIG) as s:
         s.add_candidate("ce", "evaluated", fitness=0.5)
@@ -417,7 +418,7 @@ def test_a_failed_migration_leaves_the_version_1_store_as_it_was(tmp_path, monke
         conn.execute("DROP TABLE fitness_cache")
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setitem(store_mod._MIGRATIONS, 1, broken)
+    monkeypatch.setitem(schema_mod.MIGRATIONS, 1, broken)
     with pytest.raises(StoreError, match="cannot migrate .* from store schema 1 to 2.*"
                                          "disk I/O error.*unchanged"):
         RunStore.open(tmp_path / "old")

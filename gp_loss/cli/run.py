@@ -102,7 +102,8 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
       gp-loss search search_runs/quick.toml --set search.children=50 --run-dir runs/try
     """
     from ..config import load_config
-    from ..runs.store import RunStore, environment
+    from ..runs.provenance import environment
+    from ..runs.store import RunStore
 
     cfg = load_config(config, data_overrides(data_root, download) + list(sets)
                       + ([f"surrogate.device={device}"] if device else []))

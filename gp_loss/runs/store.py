@@ -4,48 +4,39 @@ Fed by the driver process (the only writer: the evolution loop or ``eliminate``,
 read by ``show`` / ``plot`` / ``export`` through read-only connections. It holds the resolved
 config and the environment (``meta``), every proposal and candidate (``candidates``), the
 population membership (``population``) and the loop's resumable counters (``state``). Results
-shared between runs live elsewhere, in the fitness cache file (``search/cache.py``).
+shared between runs live elsewhere, in the fitness cache file (``search/cache.py``). A new
+store's ``meta`` starts with ``provenance.environment()``; opening one for writing takes the
+run's writer lock (``lock.py``: one writer per run).
 
 Atomicity: group the writes of one step in ``with store.transaction():`` — e.g. "child N
 evaluated + population updated + counters advanced" — and a SIGKILL at any moment leaves either
 the state before or the state after. Evaluations in flight are rows with status ``pending``;
 resume re-submits exactly those.
 
-The schema is ``_SCHEMA`` below (version ``SCHEMA_VERSION``, kept in ``PRAGMA user_version``);
-the ``meta`` table and its ``application`` key are never changed by later versions, so any
-gp-loss can tell its stores from foreign files and newer ones. A store of an older version
-(``_MIGRATIONS``) is read as it is when opened read-only (nothing is written) and brought to
-``SCHEMA_VERSION`` in place, in one transaction, when opened for writing; a newer one is refused.
-Version 1 also had a ``fitness_cache`` table and the candidate columns ``formula``, ``timings``
-and ``fingerprint``, never written (the shown formula is computed from ``expr``); version 2
-drops them.
-Rows come back as dicts with the column names, except that ``result_json`` is decoded
-(``result``), a version-1 store's unused columns are left out, and population rows carry
-``age_order``.
+The file format (tables, columns, ``SCHEMA_VERSION``, the steps from older versions) is
+``schema.py``'s. A store of an older version is read as it is when opened read-only (nothing is
+written) and brought to ``SCHEMA_VERSION`` in place, in one transaction, when opened for
+writing; a newer one is refused. Rows come back as dicts with the column names
+(``schema.decode``: ``result_json`` decoded as ``result``); population rows carry ``age_order``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-SCHEMA_VERSION = 2
-APPLICATION = "gp-loss"
+from . import lock, schema
+from .provenance import environment, package_version
+from .schema import SCHEMA_VERSION, SQLITE_MAGIC, STATUSES
+
 STORE_NAME = "run.sqlite"
-STATUSES = ("evaluated", "reused", "failed", "rejected", "duplicate", "near_duplicate",
-            "pending")
 SEARCH_PHASES = ("initial", "child")  # rows the search itself proposed (vs reference, elimN)
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # The ranking of candidates, everywhere the search or a reader picks a best: higher fitness,
 # then the tie-break TIE_BREAK, a key of the evaluation's result (train.py's ``val_nll``: the
@@ -77,53 +68,6 @@ def row_rank_key(row: Mapping) -> tuple:
     return rank_key(row["fitness"], tie_value(row), row["id"])
 
 
-_COLUMNS = ("phase", "birth", "expr", "key", "parent_id", "mutation", "status", "reason",
-            "fitness", "sign", "seconds", "engine_seconds", "result", "created")
-_V1_COLUMNS = ("formula", "timings", "fingerprint")  # version 1's never-written columns
-
-_SCHEMA = f"""
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
-CREATE TABLE candidates (              -- every proposal and candidate, in creation order
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    phase TEXT NOT NULL DEFAULT 'child',  -- 'initial' | 'child' | 'reference' | ...
-    birth INTEGER,                     -- number within its phase (a child's birth number)
-    expr TEXT NOT NULL, key TEXT,      -- key: canonical key
-    parent_id INTEGER REFERENCES candidates(id), mutation TEXT,
-    status TEXT NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in STATUSES)})),
-    reason TEXT,                       -- why rejected / failed
-    fitness REAL, sign INTEGER,
-    seconds REAL,                      -- surrogate training seconds (in the worker)
-    engine_seconds REAL,               -- driver seconds: generate, screen, dedup, store
-    result_json TEXT,                  -- JSON: what the evaluation returned
-    created REAL NOT NULL              -- unix time
-);
-CREATE INDEX candidates_status ON candidates(status, reason);
-CREATE INDEX candidates_key ON candidates(key);
-CREATE INDEX candidates_birth ON candidates(phase, birth);
-CREATE TABLE population (              -- lower age_order = older; equal = equally old
-    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id),
-    age_order INTEGER NOT NULL
-);
-CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- the loop's; JSON values
-"""
-
-
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
-    """Drop version 1's dead weight: the ``fitness_cache`` table (never read; the shared cache
-    is ``search/cache.py``'s own file) and the never-written candidate columns. ``DROP COLUMN``
-    needs SQLite 3.35; an older SQLite leaves the (empty) columns, which nothing reads."""
-    conn.execute("DROP TABLE IF EXISTS fitness_cache")
-    if sqlite3.sqlite_version_info >= (3, 35, 0):
-        have = {r[1] for r in conn.execute("PRAGMA table_info(candidates)")}
-        for column in _V1_COLUMNS:
-            if column in have:
-                conn.execute(f"ALTER TABLE candidates DROP COLUMN {column}")
-
-
-# version -> the step that brings a store of that version to the next one
-_MIGRATIONS = {1: _migrate_1_to_2}
-
-
 class StoreError(RuntimeError):
     """The run store is missing, not ours, corrupt, too new, already there, or read-only."""
 
@@ -133,113 +77,16 @@ def store_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / STORE_NAME
 
 
-def _git_info() -> dict:
-    """Commit (and dirtiness) of the checkout this package runs from, if it runs from one.
-
-    Only when the package directory sits at the top of a git work tree: an installed copy in a
-    venv inside some repository must not report that repository's commit.
-    """
-    pkg = Path(__file__).resolve().parent
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True,
-                                 timeout=5, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
-    top = git("rev-parse", "--show-toplevel")
-    if not top or Path(top).resolve() != pkg.parent:
-        return {"git_commit": None}
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"git_commit": commit, "git_dirty": None if dirty is None else dirty != ""}
-
-
-def package_version(dist: str) -> str | None:
-    """The installed version of distribution ``dist``, or None."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict:
-    """Versions and provenance recorded in every new store (no torch import needed)."""
-    return {
-        "gp_loss_version": package_version("gp-loss"),
-        **_git_info(),
-        "python": platform.python_version(),
-        "torch": package_version("torch"),
-        "packages": {d: package_version(d) for d in ("numpy", "sympy", "deap", "scikit-learn")},
-        "platform": platform.platform(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _encode(field: str, value: Any) -> tuple[str, Any]:
-    if field not in _COLUMNS:
-        raise TypeError(f"unknown candidate field {field!r}")
-    if field == "result" and value is not None:
-        value = json.dumps(value, sort_keys=True)
-    return ("result_json" if field == "result" else field), value
-
-
-def _row(row: sqlite3.Row | None) -> dict | None:
-    if row is None:
-        return None
-    out = dict(row)
-    for name in _V1_COLUMNS:  # still there in a version-1 store read as it is
-        out.pop(name, None)
-    if "result_json" in out:
-        out["result"] = out.pop("result_json")
-        if out["result"] is not None:
-            out["result"] = json.loads(out["result"])
-    return out
-
-
-LOCK_NAME = "run.lock"
-
-
-def _lock(run_dir: Path):
-    """One writer per run: an exclusive ``flock`` on RUN_DIR/run.lock, held while the store is
-    open for writing. The kernel drops it when the process dies, even by SIGKILL, so a killed
-    search never leaves a stale lock behind. Readers (``show``) take no lock."""
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform: single-writer is then the user's care
-        return None
-    try:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StoreError(f"cannot open the lock file in {run_dir}: {exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise StoreError(f"{run_dir} is in use by another gp-loss process (pid {holder}); wait "
-                         f"for it or stop it (`gp-loss show {run_dir}` reads it meanwhile)"
-                         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
-def _unlock(fd) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
 class RunStore:
     """One run store; use ``RunStore.create`` or ``RunStore.open``, close it (or use ``with``)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool, lock=None):
+    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool, lock_fd=None):
         self._conn = conn
         self.path = path
         self.run_dir = path.parent
         self.readonly = readonly
         self._depth = 0
-        self._lock = lock  # the writer's lock file descriptor (None: read-only)
+        self._lock = lock_fd  # the writer's lock file descriptor (None: read-only)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -251,24 +98,8 @@ class RunStore:
     @staticmethod
     def writer_active(run_dir: str | os.PathLike) -> bool:
         """True while a process holds the run's writer lock (a search, resume or eliminate is
-        running on it). Probes with a non-blocking shared ``flock`` released at once; creates
-        nothing. The probe holds the lock for microseconds, so a writer starting at that very
-        instant could be refused as busy; ``show`` calls it once per invocation."""
-        try:
-            import fcntl
-        except ImportError:  # no flock here: writers take no lock either (see _lock)
-            return False
-        try:
-            fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
-        except OSError:  # no lock file: never opened for writing by this gp-loss
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # also releases the probe's lock when it was taken
-        return False
+        running on it): ``lock.held``; ``show`` calls it once per invocation."""
+        return lock.held(run_dir)
 
     @classmethod
     def create(cls, run_dir: str | os.PathLike, config: Mapping, meta: Mapping | None = None
@@ -286,16 +117,9 @@ class RunStore:
         # store under the real name and two concurrent creators cannot both succeed.
         tmp = path.with_name(f".{STORE_NAME}.creating-{os.getpid()}")
         tmp.unlink(missing_ok=True)
-        values = {**environment(), **(meta or {}), "config": dict(config),
-                  "application": APPLICATION, "schema_version": SCHEMA_VERSION}
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
-            conn.executescript(_SCHEMA)  # a private file until linked: no atomicity needed
-            conn.execute("BEGIN")
-            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
-                             [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()])
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            schema.initialise(conn, {**environment(), **(meta or {}), "config": dict(config)})
         finally:
             conn.close()
         try:
@@ -317,13 +141,16 @@ class RunStore:
             raise StoreError(f"no gp-loss run in {run_dir} ({STORE_NAME} not found)")
         try:
             with open(path, "rb") as fh:
-                head = fh.read(len(_SQLITE_MAGIC))
+                head = fh.read(len(SQLITE_MAGIC))
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc}") from None
-        if head != _SQLITE_MAGIC:
+        if head != SQLITE_MAGIC:
             raise StoreError(f"{path} is not a gp-loss run store (not an SQLite database, "
                              f"or corrupt)")
-        lock = None if readonly else _lock(path.parent)
+        try:
+            lock_fd = None if readonly else lock.acquire(path.parent)
+        except lock.LockError as exc:
+            raise StoreError(str(exc)) from None
         target = f"{path.resolve().as_uri()}?mode={'ro' if readonly else 'rw'}"
         conn = sqlite3.connect(target, uri=True, isolation_level=None)
         try:
@@ -340,58 +167,33 @@ class RunStore:
             conn.execute("SELECT count(*) FROM candidates").fetchone()
         except sqlite3.DatabaseError as exc:
             conn.close()
-            _unlock(lock)
+            lock.release(lock_fd)
             raise StoreError(f"{path} is corrupt or unreadable: {exc}") from None
         except StoreError:
             conn.close()
-            _unlock(lock)
+            lock.release(lock_fd)
             raise
-        return cls(conn, path, readonly, lock)
+        return cls(conn, path, readonly, lock_fd)
 
     @staticmethod
     def _check(conn: sqlite3.Connection, path: Path) -> None:
-        """Raise StoreError unless the file is a gp-loss store of our schema version."""
+        """Raise StoreError unless the file is a gp-loss store of a version we read."""
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 10000")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
-        except sqlite3.OperationalError:  # no meta table: some other SQLite file
-            row = None
-        if row is None or row[0] != json.dumps(APPLICATION):
-            raise StoreError(f"{path} is not a gp-loss run store")
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{path} has store schema {version}, newer than this gp-loss "
-                             f"supports ({SCHEMA_VERSION}); upgrade gp-loss to read it")
-        if version < SCHEMA_VERSION and any(v not in _MIGRATIONS
-                                            for v in range(version, SCHEMA_VERSION)):
-            raise StoreError(f"{path} has store schema {version}, older than this gp-loss "
-                             f"reads ({SCHEMA_VERSION}) and no migration exists")
+        problem = schema.check(conn, path)
+        if problem is not None:
+            raise StoreError(problem)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         """Bring an older store (checked by ``_check``) to ``SCHEMA_VERSION`` in place, all
-        steps in one transaction: a failure or a kill leaves it as it was. The new version goes
-        in ``PRAGMA user_version`` and the meta key ``schema_version``; meta ``migrations``
-        lists the steps taken."""
-        start = conn.execute("PRAGMA user_version").fetchone()[0]
+        steps (``schema.migrate``) in one transaction: a failure or a kill leaves it as it was."""
+        start = schema.user_version(conn)
         if start >= SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]  # again, locked
-            row = conn.execute("SELECT value FROM meta WHERE key = 'migrations'").fetchone()
-            done = json.loads(row[0]) if row else []
-            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            while version < SCHEMA_VERSION:
-                _MIGRATIONS[version](conn)
-                done.append({"from": version, "to": version + 1, "time": when,
-                             "gp_loss_version": package_version("gp-loss")})
-                version += 1
-            conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                             [("schema_version", json.dumps(version)),
-                              ("migrations", json.dumps(done, sort_keys=True))])
-            conn.execute(f"PRAGMA user_version = {version}")
+            schema.migrate(conn, package_version("gp-loss"))  # reads the version again, locked
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
@@ -406,7 +208,7 @@ class RunStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        _unlock(self._lock)
+        lock.release(self._lock)
         self._lock = None
 
     def __enter__(self) -> "RunStore":
@@ -497,7 +299,7 @@ class RunStore:
         fields.setdefault("created", time.time())
         cols, vals = ["expr", "status"], [expr, status]
         for name, value in fields.items():
-            col, val = _encode(name, value)
+            col, val = schema.encode(name, value)
             cols.append(col)
             vals.append(val)
         cur = self._write(f"INSERT INTO candidates({', '.join(cols)}) "
@@ -508,7 +310,7 @@ class RunStore:
         """Change fields of a row (e.g. pending -> evaluated with fitness and result)."""
         if not fields:
             return
-        pairs = [_encode(name, value) for name, value in fields.items()]
+        pairs = [schema.encode(name, value) for name, value in fields.items()]
         cur = self._write(f"UPDATE candidates SET {', '.join(f'{c} = ?' for c, _ in pairs)} "
                           f"WHERE id = ?", [v for _, v in pairs] + [candidate_id])
         if cur.rowcount != 1:
@@ -516,14 +318,14 @@ class RunStore:
 
     def candidate(self, candidate_id: int) -> dict | None:
         """One row by id, or None."""
-        return _row(self._conn.execute("SELECT * FROM candidates WHERE id = ?",
+        return schema.decode(self._conn.execute("SELECT * FROM candidates WHERE id = ?",
                                        (candidate_id,)).fetchone())
 
     def candidates(self, status: str | None = None, phase: str | None = None) -> list[dict]:
         """Rows in id order, optionally filtered by status and/or phase."""
         sql = ("SELECT * FROM candidates WHERE (?1 IS NULL OR status = ?1) "
                "AND (?2 IS NULL OR phase = ?2) ORDER BY id")
-        return [_row(r) for r in self._conn.execute(sql, (status, phase))]
+        return [schema.decode(r) for r in self._conn.execute(sql, (status, phase))]
 
     # -- population ----------------------------------------------------------------------
 
@@ -549,7 +351,7 @@ class RunStore:
         """Member rows (with ``age_order``), oldest first, ties by id."""
         sql = ("SELECT c.*, p.age_order FROM population p JOIN candidates c "
                "ON c.id = p.candidate_id ORDER BY p.age_order, c.id")
-        return [_row(r) for r in self._conn.execute(sql)]
+        return [schema.decode(r) for r in self._conn.execute(sql)]
 
     # -- reading for show / plot / export ------------------------------------------------
 
@@ -568,7 +370,7 @@ class RunStore:
                    f"FROM ({source})) WHERE rank_in_key = 1 ORDER BY {RANK_SQL} LIMIT ?")
         else:
             sql = f"SELECT * FROM ({source}) ORDER BY {RANK_SQL} LIMIT ?"
-        rows = [_row(r) for r in self._conn.execute(sql, (k,))]
+        rows = [schema.decode(r) for r in self._conn.execute(sql, (k,))]
         for r in rows:
             r.pop("rank_in_key", None)
         return rows

@@ -52,7 +52,7 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
     import torch
 
     from ..surrogate.data import resolve_device
-    from ..runs.store import package_version
+    from ..runs.provenance import package_version
 
     dev = resolve_device(surrogate.get("device", "auto"))
     amp = surrogate.get("amp", "auto")
