@@ -284,3 +284,76 @@ def test_one_validation_of_the_surrogate_settings():
         train_candidate(F.cross_entropy, {**SHORT, "warmup_fraction": 1.5})
     with pytest.raises(ConfigError, match="surrogate.val_fraction"):
         train_candidate(F.cross_entropy, {**SHORT, "val_fraction": 0.0})
+
+
+# --- the loop's steps: batches, stop rules, their order at an event --------------------------
+
+def _bad_from(call, then):
+    """Cross-entropy until the ``call``-th call, then the loss ``then``."""
+    calls = []
+
+    def loss(z, t):
+        calls.append(1)
+        return then(z, t) if len(calls) >= call else F.cross_entropy(z, t)
+    return loss
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_loss_that_goes_bad_mid_run_stops_at_its_step_or_the_next_event(monkeypatch, deferred):
+    if deferred:  # the accelerator path: the loss is read at event steps only
+        monkeypatch.setattr(train, "_SYNC_EACH_STEP", set())
+    cfg = {**SHORT, "eval_every": 10}
+    err = train_candidate(_bad_from(17, _raising_loss), cfg)
+    assert (err["status"], err["reason"], err["steps"]) == ("failed", "error: KeyError: 'boom'", 17)
+    assert err["fitness"] > 0 and err["train_acc"] > 0  # step 10's validation and window
+    for fn, reason in ((_nan_loss, "nan_loss"), (_inf_loss, "inf_loss")):
+        r = train_candidate(_bad_from(17, fn), cfg)
+        # deferred: at the next event, before its window closes and before it validates
+        assert (r["status"], r["reason"], r["steps"]) == ("failed", reason, 20 if deferred else 17)
+        assert ((r["fitness"], r["val_nll"], r["train_acc"])
+                == (err["fitness"], err["val_nll"], err["train_acc"]))
+
+
+@pytest.mark.parametrize("rule, reason", [({"prescreen_steps": 30, "prescreen_min_acc": 1.0},
+                                           "prescreen"),
+                                          ({"midrun_step": 30, "midrun_min_acc": 1.0},
+                                           "early_stop")])
+def test_a_rule_stops_its_event_after_the_window_and_before_the_validation(rule, reason):
+    r = train_candidate(F.cross_entropy, {**SHORT, "eval_every": 30, **rule})
+    assert (r["status"], r["reason"], r["steps"]) == ("failed", reason, 30)
+    assert r["fitness"] == 0.0 and r["val_nll"] is None and r["train_acc"] > 0
+
+
+def test_the_prescreen_reads_the_best_window_and_the_midrun_rule_the_latest():
+    from gp_loss.surrogate.stops import Rules, Window
+    cfg = {"steps": 100, "prescreen_steps": 20, "prescreen_min_acc": 0.5, "midrun_step": 20,
+           "midrun_min_acc": 0.5, "timeout_s": 0.0}
+    for each_step in (True, False):
+        rules, window = Rules(cfg, torch.device("cpu"), 0.0, each_step), Window(torch.device("cpu"))
+        assert rules.event_steps() == {20} and rules.timed_out() is None
+        window.add(torch.eye(4), torch.arange(4))  # 4 of 4 right
+        assert rules.at_event(10, window) is None and window.acc == window.best == 1.0
+        window.add(torch.eye(4), torch.zeros(4, dtype=torch.int64))  # 1 of 4
+        assert rules.loss(torch.tensor(1.0)) is None
+        assert rules.at_event(20, window) == "early_stop"  # latest 0.25; best still 1.0
+        assert (window.acc, window.best, window.seen) == (0.25, 1.0, 0)
+        assert rules.loss(torch.tensor(float("inf"))) == ("inf_loss" if each_step else None)
+        assert rules.loss(torch.tensor(float("nan"))) == ("nan_loss" if each_step else None)
+        window.add(torch.eye(4), torch.arange(4))
+        assert rules.at_event(30, window) == (None if each_step else "inf_loss")  # the first bad
+
+
+def test_batches_depend_on_the_seed_alone_and_an_epoch_is_a_permutation():
+    from gp_loss.surrogate.batches import Batches
+    splits, cpu = data.load_splits("digits", train_fraction=0.25), torch.device("cpu")
+    cfg = {"batch_size": 64, "augment": "none", "randaugment_ops": 2,
+           "stages": ({"image_size": 0},)}
+    a, b = Batches(splits, cfg, 5, cpu), Batches(splits, cfg, 5, cpu)
+    assert a.per_epoch == splits.x_train.shape[0] // 64 > 1
+    for _epoch in range(2):
+        xs = [a.next(8, 5.0)[0] for _ in range(a.per_epoch)]
+        assert all(torch.equal(x, b.next(8, 5.0)[0]) for x in xs)  # the same for every candidate
+        assert a.perm.unique().numel() == a.perm.numel() == a.per_epoch * 64  # no image twice
+        assert all(torch.equal(x, splits.x_train[i]) for x, i in zip(xs, a.perm))  # bare slices
+    assert not torch.equal(Batches(splits, cfg, 6, cpu).next(8, 5.0)[0],
+                           Batches(splits, cfg, 5, cpu).next(8, 5.0)[0])

@@ -2,7 +2,9 @@
 
 Fed by: `fitness.py` (a loss compiled from our printer's source, the `surrogate` section of the
 evaluation config as a plain dict, the run's seed), and by `train`/`compare` on the command line.
-Uses `data.load_splits` for the tensors and `models.build_model` for the network.
+Uses `data.load_splits` for the tensors, `models.build_model` for the network,
+`batches.Batches` for the training batches (and `batches.resized` for the val/test splits at
+a stage's size) and `stops.Rules` for the rules that end a run early.
 
 The loop is airbench-style: every split lives on the device as one tensor, a batch is an index
 slice of a per-epoch permutation, and nothing syncs with the device except at the few
@@ -76,16 +78,16 @@ from typing import Callable
 import torch
 
 from ..config import SurrogateConfig, check_stages
-from .augment import augment_batch, resize
+from .batches import EVAL_CHUNK, Batches, resized
 from .data import load_splits, resolve_device
 from .models import build_model
+from .stops import Rules, Window
 from ..errors import describe
 
 __all__ = ["train_candidate", "lr_schedule"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_EVAL_CHUNK = 4096  # bounds activation memory when a split is evaluated in one go
 # Device types where reading the loss every step is cheap (no asynchronous queue to stall).
 _SYNC_EACH_STEP = {"cpu"}
 
@@ -124,6 +126,16 @@ def lr_schedule(lr: float, steps: int, warmup_fraction: float) -> list[float]:
     return out
 
 
+def _logits(model: torch.nn.Module, xb: torch.Tensor, fast) -> torch.Tensor:
+    """float32 logits of ``model`` on ``xb``; with ``fast`` (CUDA) channels_last and, if
+    ``fast["amp"]``, bf16 autocast of the network (the loss always sees float32)."""
+    if fast is None:
+        return model(xb)
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=fast["amp"]):
+        logits = model(xb.contiguous(memory_format=torch.channels_last))
+    return logits.float()
+
+
 @torch.no_grad()
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=None,
               with_nll: bool = False):
@@ -132,17 +144,11 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=Non
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     nll = torch.zeros((), dtype=torch.float64, device=x.device)
-    for i in range(0, x.shape[0], _EVAL_CHUNK):
-        xb = x[i:i + _EVAL_CHUNK]
-        if fast is not None:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast["amp"]):
-                logits = model(xb)
-        else:
-            logits = model(xb)
-        correct += (logits.argmax(1) == y[i:i + _EVAL_CHUNK]).sum()
+    for i in range(0, x.shape[0], EVAL_CHUNK):
+        logits = _logits(model, x[i:i + EVAL_CHUNK], fast)
+        correct += (logits.argmax(1) == y[i:i + EVAL_CHUNK]).sum()
         if with_nll:
-            nll += torch.nn.functional.cross_entropy(logits.double(), y[i:i + _EVAL_CHUNK],
+            nll += torch.nn.functional.cross_entropy(logits.double(), y[i:i + EVAL_CHUNK],
                                                      reduction="sum")
     model.train()
     acc = correct.item() / max(1, x.shape[0])
@@ -150,26 +156,6 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=Non
         return acc
     value = nll.item() / max(1, x.shape[0])
     return acc, (value if math.isfinite(value) else None)
-
-
-# Resized validation/test splits, per process: resized once, not at every evaluation. The key
-# holds the source tensor itself, so its id cannot be reused while the entry lives.
-_RESIZED: dict = {}
-
-
-def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
-    if size <= 0 or (x.shape[-1] == size and x.shape[-2] == size):
-        return x
-    key = (id(x), size)
-    hit = _RESIZED.get(key)
-    if hit is None or hit[0] is not x:
-        if len(_RESIZED) >= 8:
-            _RESIZED.clear()
-        # chunked: a whole split at 80 px would need a second full-size temporary
-        out = torch.cat([resize(x[i:i + _EVAL_CHUNK], size)
-                         for i in range(0, x.shape[0], _EVAL_CHUNK)])
-        hit = _RESIZED[key] = (x, out)
-    return hit[1]
 
 
 # torch.compile'd networks, one per (model, input shape, classes, device) per process.
@@ -225,11 +211,12 @@ def train_candidate(loss_fn: LossFn, surrogate: dict, *, seed: int = 0, device: 
     Returns {status: "ok"|"failed", reason: None|str, fitness: best val acc (0.0 before any
     evaluation), val_acc (same), val_nll (mean negative log-likelihood of the network's
     softmax on the validation split at that best-accuracy checkpoint, the first one to reach
-    it; None before any evaluation: the search's tie-break, lower wins), test_acc (accuracy of the best-val checkpoint, only with
-    with_test, else None), train_acc (latest training window), steps (steps run), seconds,
-    device, weights_hash (digest of the final weights)}. Failure reasons: "nan_loss",
-    "inf_loss", "prescreen", "early_stop", "timeout", "error: <Type>: <message>". On CPU the
-    result is bit-for-bit reproducible for a seed (same torch build and thread count).
+    it; None before any evaluation: the search's tie-break, lower wins), test_acc (accuracy of
+    the best-val checkpoint, only with with_test, else None), train_acc (latest training
+    window), steps (steps run), seconds, device, weights_hash (digest of the final weights)}.
+    Failure reasons: "nan_loss", "inf_loss", "prescreen", "early_stop", "timeout" (`stops.py`),
+    "out_of_memory", "error: <Type>: <message>" (`error_reason`). On CPU the result is
+    bit-for-bit reproducible for a seed (same torch build and thread count).
     A bad config (unknown dataset/model, impossible fractions) raises ValueError: that is the
     caller's error, not the candidate's.
     """
@@ -270,155 +257,121 @@ def _dropouts(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
 
 
-def _enter_stage(st: dict, dropouts: list, base_p: list, native: int) -> tuple[int, float]:
-    """Set the stage's dropout rates; return its image size and RandAugment magnitude."""
-    for m, p in zip(dropouts, base_p):
-        m.p = p if st["dropout"] is None else st["dropout"]
-    return st["image_size"] or native, st["randaugment_magnitude"]
-
-
 def _run(model, loss_fn, splits, cfg, seed, dev, with_test, t0) -> dict:
-    x_train, y_train, native = splits.x_train, splits.y_train, splits.image_size
-    ends = list(itertools.accumulate(st["steps"] for st in cfg["stages"]))
-    dropouts = _dropouts(model)
-    base_p = [m.p for m in dropouts]
-    stage, stage_end = 0, ends[0]
-    size, magnitude = _enter_stage(cfg["stages"][0], dropouts, base_p, native)
-    x_val, best_size = _resized(splits.x_val, size), size
-    # Resize/augment only when asked: the default (CPU, native size) path stays a bare slice.
-    transform = cfg["augment"] != "none" or any((st["image_size"] or native) != native
-                                                for st in cfg["stages"])
-    if transform:
-        c = splits.in_channels
-        mean = torch.tensor(splits.mean, device=dev).view(1, c, 1, 1)
-        std = torch.tensor(splits.std, device=dev).view(1, c, 1, 1)
-        aug_gen = torch.Generator(device=dev).manual_seed(seed + 104729)  # own stream
-    fast = None
-    if dev.type == "cuda":
-        fast = {"amp": cfg["amp"] == "bf16" or (cfg["amp"] == "auto"
-                                                and torch.cuda.is_bf16_supported())}
-    n = x_train.shape[0]
-    if n == 0:
-        raise ValueError("the training split is empty (train_fraction too small?)")
-    bs = min(cfg["batch_size"], n)
-    per_epoch = n // bs  # the remainder is dropped: constant batch size keeps BN statistics even
-    steps = cfg["steps"]
-    eval_every = cfg["eval_every"] or per_epoch
-    lrs = lr_schedule(cfg["lr"], steps, cfg["warmup_fraction"])
-    opt = _make_optimizer(model, cfg, dev)
-    group = opt.param_groups[0]
-    # The batch order depends on the seed only, so every candidate of a run sees the same batches.
-    gen = torch.Generator().manual_seed(seed)
-    prescreen, midrun = cfg["prescreen_steps"], cfg["midrun_step"]
-    if prescreen >= steps and not cfg.get("_prescreen_run"):
-        prescreen = 0  # at the last step it would only discard a fully trained candidate
-    timeout = cfg["timeout_s"]
-    events = sorted({s for s in range(eval_every, steps + 1, eval_every)} | {steps}
-                    | {s for s in (prescreen, midrun) if 0 < s <= steps} | set(ends))
-    events.append(steps + 1)  # sentinel: never reached
-    ev_i = 0
-    # On CPU a 0-d .item() is as cheap as any op and gives the exact failing step; on an
-    # accelerator it would stall the queue, so the loss is tracked on-device and checked at
-    # events: `first_bad` holds the latest loss until one is non-finite, then freezes there.
-    check_each_step = dev.type in _SYNC_EACH_STEP
-    first_bad = torch.zeros((), device=dev)
+    """Train to the last step or the first stop reason: the one place where a run ends."""
+    run = _Run(model, loss_fn, splits, cfg, seed, dev, with_test, t0)
+    reason = None
+    while reason is None and run.step < run.steps:
+        reason = run.train_step() or run.rules.timed_out() or run.event()
+    return run.result("ok" if reason is None else "failed", reason)
 
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    seen = 0
-    best_val = -1.0
-    best_nll = None  # validation NLL at the best-accuracy checkpoint: the tie-break
-    best_state = None
-    train_acc = best_train = 0.0
-    status, reason = "ok", None
-    perm = torch.empty(0, dtype=torch.int64)
-    pos = per_epoch  # forces a fresh permutation at step 0
-    model.train()
-    step = 0
-    while step < steps:
-        if pos == per_epoch:
-            perm = torch.randperm(n, generator=gen)[: per_epoch * bs].view(per_epoch, bs).to(dev)
-            pos = 0
-        idx = perm[pos]
-        pos += 1
-        xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
-        if transform:
-            if cfg["augment"] == "none":
-                xb = resize(xb, size)  # linear: commutes with the standardisation
-            else:
-                xb = resize((xb * std + mean).clamp_(0.0, 1.0), size)
-                xb = augment_batch(xb, cfg["augment"], aug_gen, ops=cfg["randaugment_ops"],
-                                   magnitude=magnitude)
-                xb = (xb - mean) / std
-        group["lr"] = lrs[step]
-        step += 1
-        if fast is not None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast["amp"]):
-                logits = model(xb.contiguous(memory_format=torch.channels_last))
-            logits = logits.float()  # the candidate loss runs in float32
-        else:
-            logits = model(xb)
-        opt.zero_grad(set_to_none=True)
+
+class _Stages:
+    """Progressive learning: the current stage's image `size`, RandAugment `magnitude`, dropout
+    and validation split `x_val`; `advance(step)` enters the next stage at a boundary."""
+
+    def __init__(self, model, cfg: dict, splits):
+        self.specs, self.native, self.x_val_native = cfg["stages"], splits.image_size, splits.x_val
+        self.ends = list(itertools.accumulate(st["steps"] for st in self.specs))
+        self.dropouts = _dropouts(model)
+        self.base_p = [m.p for m in self.dropouts]
+        self.i = -1
+        self._enter()
+
+    def _enter(self) -> None:
+        self.i += 1
+        st = self.specs[self.i]
+        for m, p in zip(self.dropouts, self.base_p):
+            m.p = p if st["dropout"] is None else st["dropout"]
+        self.end = self.ends[self.i]
+        self.size, self.magnitude = st["image_size"] or self.native, st["randaugment_magnitude"]
+        self.x_val = resized(self.x_val_native, self.size)
+
+    def advance(self, step: int) -> None:
+        if step == self.end and step < self.ends[-1]:  # the last stage's end is the run's
+            self._enter()
+
+
+class _Run:
+    """One training's state. Its steps (`train_step`, `rules.timed_out`, `event`) each return
+    a stop reason (the run fails with it) or None; `_run` stops at the first reason."""
+
+    def __init__(self, model, loss_fn, splits, cfg, seed, dev, with_test, t0):
+        self.model, self.loss_fn, self.splits, self.cfg = model, loss_fn, splits, cfg
+        self.with_test, self.dev = with_test, dev
+        self.stages = _Stages(model, cfg, splits)
+        self.batches = Batches(splits, cfg, seed, dev)
+        self.fast = None
+        if dev.type == "cuda":
+            self.fast = {"amp": cfg["amp"] == "bf16" or (cfg["amp"] == "auto"
+                                                         and torch.cuda.is_bf16_supported())}
+        self.steps = steps = cfg["steps"]
+        self.eval_every = every = cfg["eval_every"] or self.batches.per_epoch
+        self.lrs = lr_schedule(cfg["lr"], steps, cfg["warmup_fraction"])
+        self.opt = _make_optimizer(model, cfg, dev)
+        self.group = self.opt.param_groups[0]
+        self.rules = Rules(cfg, dev, t0, check_each_step=dev.type in _SYNC_EACH_STEP)
+        self.window = Window(dev)
+        self.events = ({s for s in range(every, steps + 1, every)} | {steps}
+                       | self.rules.event_steps() | set(self.stages.ends))
+        self.best_val, self.best_nll, self.best_state = -1.0, None, None  # nll: the tie-break
+        self.best_size = self.stages.size
+        self.step = 0
+        model.train()
+
+    def train_step(self):
+        """The next batch, forward, loss, backward and Adam step; a failing loss's reason."""
+        xb, yb = self.batches.next(self.stages.size, self.stages.magnitude)
+        self.group["lr"] = self.lrs[self.step]
+        self.step += 1
+        logits = _logits(self.model, xb, self.fast)
+        self.opt.zero_grad(set_to_none=True)
         try:
-            loss = loss_fn(logits, yb)
-            if check_each_step:
-                value = loss.item()
-                if not math.isfinite(value):
-                    status, reason = "failed", "nan_loss" if math.isnan(value) else "inf_loss"
-                    break
-            else:
-                first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
+            loss = self.loss_fn(logits, yb)
+            if reason := self.rules.loss(loss):
+                return reason
             loss.backward()
         except Exception as exc:  # a candidate's loss may fail in any way; the search goes on
-            status, reason = "failed", error_reason(exc)
-            break
-        opt.step()
-        correct += (logits.detach().argmax(1) == yb).sum()
-        seen += bs
-        if timeout and time.perf_counter() - t0 > timeout:
-            status, reason = "failed", "timeout"
-            break
-        if step != events[ev_i]:
-            continue
-        # --- event step: the only place the loop waits for the device ---
-        ev_i += 1
-        if not check_each_step:
-            value = first_bad.item()
-            if not math.isfinite(value):
-                status, reason = "failed", "nan_loss" if math.isnan(value) else "inf_loss"
-                break
-        train_acc = correct.item() / seen
-        best_train = max(best_train, train_acc)
-        correct.zero_()
-        seen = 0
-        if step == prescreen and best_train < cfg["prescreen_min_acc"]:
-            status, reason = "failed", "prescreen"
-            break
-        if step == midrun and train_acc < cfg["midrun_min_acc"]:
-            status, reason = "failed", "early_stop"
-            break
-        if (step % eval_every == 0 or step == stage_end) and not cfg.get("_prescreen_run"):
-            val, nll = _accuracy(model, x_val, splits.y_val, fast, True)  # (acc, NLL)
-            if val > best_val:
-                best_val, best_size, best_nll = val, size, nll
-                if with_test:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if step == stage_end and step < steps:  # progressive learning: the next stage
-            stage += 1
-            stage_end = ends[stage]
-            size, magnitude = _enter_stage(cfg["stages"][stage], dropouts, base_p, native)
-            x_val = _resized(splits.x_val, size)
+            return error_reason(exc)
+        self.opt.step()
+        self.window.add(logits, yb)
+        return None
 
-    weights_hash = _weights_hash(model)  # the final weights, before a checkpoint is restored
-    test_acc = None
-    if with_test and best_state is not None:
-        model.load_state_dict(best_state)
-        test_acc = _accuracy(model, _resized(splits.x_test, best_size), splits.y_test, fast)
-    fitness = max(best_val, 0.0)
-    return {
-        "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,
-        "val_nll": best_nll, "test_acc": test_acc, "train_acc": train_acc, "steps": step, "seconds": 0.0,
-        "device": str(dev), "weights_hash": weights_hash,
-    }
+    def event(self):
+        """At an event step, the only place the loop waits for the device: the stop rules,
+        then validation (each `eval_every` steps and at each stage's end), the next stage."""
+        if self.step not in self.events:
+            return None
+        if reason := self.rules.at_event(self.step, self.window):
+            return reason
+        if (self.step % self.eval_every == 0 or self.step == self.stages.end) \
+                and not self.cfg.get("_prescreen_run"):
+            self._validate()
+        self.stages.advance(self.step)
+        return None
+
+    def _validate(self) -> None:
+        val, nll = _accuracy(self.model, self.stages.x_val, self.splits.y_val, self.fast, True)
+        if val > self.best_val:
+            self.best_val, self.best_size, self.best_nll = val, self.stages.size, nll
+            if self.with_test:
+                self.best_state = {k: v.detach().clone()
+                                   for k, v in self.model.state_dict().items()}
+
+    def result(self, status: str, reason) -> dict:
+        weights_hash = _weights_hash(self.model)  # the final weights, before a checkpoint loads
+        test_acc = None
+        if self.best_state is not None:  # only with_test
+            self.model.load_state_dict(self.best_state)
+            test_acc = _accuracy(self.model, resized(self.splits.x_test, self.best_size),
+                                 self.splits.y_test, self.fast)
+        fitness = max(self.best_val, 0.0)
+        return {
+            "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,
+            "val_nll": self.best_nll, "test_acc": test_acc, "train_acc": self.window.acc,
+            "steps": self.step, "seconds": 0.0, "device": str(self.dev),
+            "weights_hash": weights_hash,
+        }
 
 
 def _weights_hash(model: torch.nn.Module) -> str:
