@@ -40,12 +40,12 @@ def test_second_run_with_the_same_settings_trains_nothing(tmp_path, monkeypatch)
     assert from_cache and all(r["result"]["cached"] for r in from_cache)
     assert {r["reason"] for r in from_cache if r["status"] == "reused"} == {"cache"}
     # show counts them
-    from gp_loss.runs import report
+    from gp_loss.runs import render, report
     summary = report.summary(b, 3, formulas=False)
     assert summary["counts"]["from_cache"] == len(from_cache) > 0
     assert report.summary(a, 3, formulas=False)["counts"]["from_cache"] == 0
     assert f"{len(from_cache)} evaluations came from the fitness cache" in \
-        report.format_summary(summary)
+        render.format_summary(summary)
     # other evaluation settings share nothing
     third = FakeEvaluate(fail_every=4)
     run(tmp_path / "c", apply_overrides(cfg, ["surrogate.steps=101"]), third, monkeypatch)

@@ -425,13 +425,13 @@ def test_the_readme_shows_the_current_show_headers(run_dir):
     ranking header and column line are what format_summary prints for those settings."""
     from pathlib import Path
 
-    from gp_loss.runs import report
+    from gp_loss.runs import render, report
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     with _store(run_dir) as store:
         s = report.summary(store, 3)
     s["config"] = {**s["config"], "dataset": "digits", "model": "tiny", "steps": 300}
     s["top"] = [{**t, "val_nll": t.get("val_nll") or 1.0} for t in s["top"]]
-    lines = report.format_summary(s).splitlines()
+    lines = render.format_summary(s).splitlines()
     header = next(x for x in lines if x.startswith("Best losses, ranked by search fitness"))
     columns = lines[lines.index(header) + 1]
     assert "ties broken by validation NLL, lower wins" in header

@@ -300,10 +300,10 @@ def test_cheap_seeding_rescores_the_best_and_never_mixes_fitnesses(tmp_path, mon
     assert all(r["parent_id"] not in ids for r in first_children)
     assert store.get_state("phase") == "done"
     assert len([r for r in rows if r["phase"] == "child" and r["status"] in CHILD_DONE]) == 25
-    from gp_loss.runs import report
+    from gp_loss.runs import render, report
     counts = report.summary(store, 3, formulas=False)["counts"]
     assert counts["seeding"]["evaluated"] + counts["seeding"]["failed"] == 12
-    assert "seeding (cheap initial fitness): " in report.format_summary(
+    assert "seeding (cheap initial fitness): " in render.format_summary(
         report.summary(store, 3, formulas=False))
 
 
@@ -374,11 +374,11 @@ def test_fitness_ties_go_to_the_lower_validation_nll(tmp_path, monkeypatch):
     top = store.top(50)
     nlls = [r["result"].get("val_nll") for r in top]
     assert None not in nlls and nlls == sorted(nlls)
-    from gp_loss.runs import report
+    from gp_loss.runs import render, report
     s = report.summary(store, 5, formulas=False)
     assert s["tie_break"] == "val_nll"
     assert [t["val_nll"] for t in s["top"]] == nlls[:5]
-    text = report.format_summary(s)
+    text = render.format_summary(s)
     assert "ties broken by validation NLL, lower wins" in text and "val NLL" in text
     # a re-evaluated member's tie-break is the mean over its seeds, like its fitness
     cfg = make_cfg(*RANDOM, "search.reeval_seeds=2", "search.reeval_after=2")

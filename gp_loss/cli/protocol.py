@@ -194,7 +194,7 @@ def _elim_settings(run_cfg: dict, config: str | None, sets) -> tuple[dict, list[
 
 
 def format_rounds(res: dict) -> str:
-    from ..runs.report import format_elimination
+    from ..runs.render import format_elimination
 
     return "\n".join(format_elimination(res["rounds"]))
 

@@ -52,7 +52,7 @@ def config_warnings(cfg) -> list[str]:
 
 
 def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
-    from ..runs import report
+    from ..runs import render, report
     from ..search.evolution import Evolution
 
     s = cfg.search
@@ -64,7 +64,7 @@ def _run_search(store, cfg, run_dir: Path, top: int, quiet: bool) -> dict:
     finally:
         progress.close()
     summary = report.summary(store, top)
-    click.echo(report.format_summary(summary))
+    click.echo(render.format_summary(summary))
     reason = result["stop_reason"]
     if reason == "interrupted":
         click.echo(f"interrupted; continue with: gp-loss resume {run_dir}", err=True)
@@ -213,7 +213,7 @@ def show(run_dir, top, as_json, as_latex):
       gp-loss show runs/quick --top 5
       gp-loss show runs/quick --latex > table.tex
     """
-    from ..runs import report
+    from ..runs import render, report
     from ..runs.store import RunStore
 
     if as_json and as_latex:
@@ -226,9 +226,9 @@ def show(run_dir, top, as_json, as_latex):
     if as_json:
         click.echo(json.dumps(s, indent=2))
     elif as_latex:
-        click.echo(report.format_latex(s))
+        click.echo(render.format_latex(s))
     else:
-        click.echo(report.format_summary(s))
+        click.echo(render.format_summary(s))
 
 
 @cli.command()
