@@ -15,7 +15,7 @@ runs enter the statistics. Failed runs are listed with their reason and left out
 ``markdown_table`` renders the result paper-style.
 
 Fed by the CLI (``cli/protocol.py``: ``gp-loss compare``), a config
-(``config.py``; cells checked against ``data.py``/``models.py`` before any run), losses parsed
+(``gp_loss.config``; cells checked against ``data.py``/``models.py`` before any run), losses parsed
 by ``trees`` and oriented by ``screen.integrity``, a run store (``rank1``.. via
 ``RunStore.best``) and ``fitness.evaluate`` via ``protocol.run_jobs``.
 """

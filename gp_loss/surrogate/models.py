@@ -222,7 +222,7 @@ _BUILDERS: dict[str, _Builder] = {
 }
 
 # Old names still accepted (runs stored before "tiny" may say "tinycnn"); the table lives in
-# config.py, which reads a config's model under its current name.
+# config/sections.py, which reads a config's model under its current name.
 ALIASES: dict[str, str] = MODEL_ALIASES
 
 MODELS: list[str] = list(_BUILDERS)
