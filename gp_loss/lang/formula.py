@@ -14,8 +14,9 @@
   to numbers, an additive constant dropped (said so). ``None`` (with ``per_class_reason``) for
   sets whose loss is not a class sum of y and p (the typed set's reductions).
 
-Display only: nothing here feeds a key or a decision. Fed by ``symbolic`` (tree -> SymPy) and
-``lowering``; used by ``simplify``/``show`` (``report.py``), ``eliminate`` and ``export``.
+Display only: nothing here feeds a key or a decision. Fed by ``symbolic`` (tree -> SymPy),
+``lowering`` and ``domain`` (its points and agreement test); used by ``simplify``/``show``
+(``report.py``, ``render.py``), ``eliminate`` and ``export``.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from .algebra import P, kabs
-from .lowering import (EXACT_EPS, RTOL, Unevaluable, agree, domain, evaluate, lower,
-                       bottom_up, near_zeros, on_domain, round_constants)
+from .domain import RTOL, Unevaluable, agree, domain, evaluate, near_zeros
+from .lowering import EXACT_EPS, bottom_up, lower, on_domain, round_constants
 from .psets import load_pset
 from .symbolic import is_unusable, build_bindings, to_sympy
 from .trees import to_text
