@@ -1,12 +1,13 @@
 """The config's rules: ``ConfigError`` and the checks every section and a few other modules use.
 
 ``check`` (one condition, one ``ConfigError`` naming the key) and ``coerce_fields`` (the type
-rule of every field, run by each section's ``__post_init__``) serve ``sections.py``;
-``describe_value`` and ``suggest`` (a close match for a mistyped name) also serve
-``loading.py``. The rules shared with other packages live here too: ``check_fractions`` (the
-data split, also used by ``surrogate/data.py``) and ``check_stages`` with ``STAGE_KEYS``
-(elimination stages, also used by ``surrogate/train.py`` and ``protocol/eliminate.py``), so
-that those need not import the trainer (torch). Imports nothing from the package.
+rule of every field, run by each section's ``__post_init__``) serve ``sections.py``; ``suggest``
+(a close match for a mistyped name) serves it and ``loading.py``, ``describe_value`` (a value as
+a message shows it) ``loading.py``. The rules shared with other packages live here too:
+``check_fractions`` (the data split, also used by ``surrogate/data.py``) and ``check_stages``
+with ``STAGE_KEYS`` (elimination stages, also used by ``surrogate/train.py`` and
+``protocol/eliminate.py``), so that those need not import the trainer (torch). Imports nothing
+from the package.
 """
 
 from __future__ import annotations
