@@ -37,6 +37,25 @@ def test_create_records_config_and_environment(store, tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_store_records_the_commit_of_the_checkout_it_runs_from(store):
+    import subprocess
+    from pathlib import Path
+
+    import gp_loss
+    repo = Path(gp_loss.__file__).resolve().parents[1]
+    try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not running from a git checkout")
+    if Path(top).resolve() != repo:
+        pytest.skip("the package is not at the top of a git work tree")
+    assert store.meta()["git_commit"] == head
+    assert store.meta()["git_dirty"] in (True, False)
+
+
 def test_create_refuses_an_existing_run(store, tmp_path):
     with pytest.raises(StoreError, match="resume"):
         RunStore.create(tmp_path / "run", CONFIG)

@@ -21,7 +21,7 @@ def _git_info() -> dict:
     Only when the package directory sits at the top of a git work tree: an installed copy in a
     venv inside some repository must not report that repository's commit.
     """
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]  # gp_loss/ (this file is gp_loss/runs/...)
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True,
