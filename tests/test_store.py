@@ -206,9 +206,9 @@ def test_one_writer_per_run_directory(tmp_path):
 
 
 def test_top_breaks_fitness_ties_by_the_lower_validation_nll(store):
-    """Ranking: fitness, then the lower ``val_nll`` of the result (store.TIE_BREAK), rows
+    """Ranking: fitness, then the lower ``val_nll`` of the result (ranking.TIE_BREAK), rows
     without one (stores written before it existed) after those with it, then the lower id."""
-    from gp_loss.runs.store import RANK_SQL, TIE_BREAK, row_rank_key
+    from gp_loss.runs.ranking import RANK_SQL, TIE_BREAK, row_rank_key
 
     assert TIE_BREAK == "val_nll" and "json_extract" in RANK_SQL
     old = store.add_candidate("a", "evaluated", key="a", fitness=0.9)  # no result at all

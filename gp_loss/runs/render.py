@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..lang.psets import load_pset
 from ..lang.trees import parse
-from .store import TIE_BREAK, TIE_BREAK_TEXT
+from .ranking import TIE_BREAK, TIE_BREAK_TEXT
 
 
 _STATUS_TEXT = {

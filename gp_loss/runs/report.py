@@ -8,7 +8,7 @@ in a run (``gp-loss eliminate``) are scored by ``eliminate.stored_rounds``, the 
 ranks them there; a finished elimination's final ranking comes from ``RunStore.finalists``, the
 source that ``export RUN_DIR`` and ``compare --from-run`` rank by (``RunStore.best``), and leads
 ``show``. Search rankings are ``RunStore.top``'s: fitness, then the tie-break
-``store.TIE_BREAK``. The hall of fame carries each row's spread over seeds, formula size and
+``ranking.TIE_BREAK``. The hall of fame carries each row's spread over seeds, formula size and
 origin; the Pareto front of fitness vs size is PySR's (``pareto_front``). ``plots.py`` reads
 runs through the helpers here. Also the tqdm progress bar the search drives.
 """
@@ -19,7 +19,8 @@ import statistics
 
 from ..config import MODEL_ALIASES
 from ..lang.psets import load_pset
-from .store import SEARCH_PHASES, TIE_BREAK, RunStore, row_rank_key, tie_value
+from .ranking import TIE_BREAK, row_rank_key, tie_value
+from .store import SEARCH_PHASES, RunStore
 from ..lang.trees import parse
 
 _NODE = re.compile(r"[^(),\s]+")
@@ -46,7 +47,7 @@ def evaluated_rows(store) -> list[dict]:
 
 def pareto_front(rows) -> list[dict]:
     """PySR's front of fitness (higher is better) vs size (smaller is better): for each size
-    the best row (ties: the lower validation NLL, then the lowest id: ``store.row_rank_key``),
+    the best row (ties: the lower validation NLL, then the lowest id: ``ranking.row_rank_key``),
     kept only if it beats every smaller size. Smallest first."""
     best: dict = {}
     for r in rows:

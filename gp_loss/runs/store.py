@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sqlite3
 import time
@@ -33,40 +32,11 @@ from typing import Any, Iterator, Mapping
 
 from . import lock, schema
 from .provenance import environment, package_version
+from .ranking import RANK_SQL
 from .schema import SCHEMA_VERSION, SQLITE_MAGIC, STATUSES
 
 STORE_NAME = "run.sqlite"
 SEARCH_PHASES = ("initial", "child")  # rows the search itself proposed (vs reference, elimN)
-
-# The ranking of candidates, everywhere the search or a reader picks a best: higher fitness,
-# then the tie-break TIE_BREAK, a key of the evaluation's result (train.py's ``val_nll``: the
-# validation NLL of the surrogate at its best-accuracy checkpoint; lower wins, rows without it,
-# e.g. from stores written before it existed, after those with it), then the lower id.
-TIE_BREAK = "val_nll"
-TIE_BREAK_TEXT = "validation NLL, lower wins"
-_NLL_SQL = (f"(CASE WHEN json_valid(result_json) THEN "
-            f"json_extract(result_json, '$.{TIE_BREAK}') END)")
-RANK_SQL = f"fitness DESC, {_NLL_SQL} IS NULL, {_NLL_SQL}, id"
-
-
-def tie_value(row: Mapping) -> float | None:
-    """A stored row's tie-break value (None when its result has none, or no finite one)."""
-    value = (row.get("result") or {}).get(TIE_BREAK)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def rank_key(fitness: float, tie: float | None, cid: int) -> tuple:
-    """Sort key, best first: higher fitness, then lower tie-break value (None last), then
-    lower id. The Python twin of ``RANK_SQL``."""
-    return (-fitness, tie is None, tie if tie is not None else 0.0, cid)
-
-
-def row_rank_key(row: Mapping) -> tuple:
-    """``rank_key`` of a stored row with a fitness."""
-    return rank_key(row["fitness"], tie_value(row), row["id"])
-
 
 class StoreError(RuntimeError):
     """The run store is missing, not ours, corrupt, too new, already there, or read-only."""

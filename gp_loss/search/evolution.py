@@ -10,7 +10,7 @@ The loop (DESIGN §6), written for clarity because training dominates the cost:
              a cheap fitness is never ranked against, or reused for, a surrogate fitness.
     repeat until `children` children were evaluated or reused:
         parent  = best of `tournament` members drawn with replacement (equal fitness: the
-                  lower validation NLL wins, then the lower id; ``store.rank_key``)
+                  lower validation NLL wins, then the lower id; ``ranking.rank_key``)
         child   = mutate(parent) until it passes screening and is not the same as a member
                   (after `max_retries` rejections in a row: record it, draw a new parent)
         if the child is the same as a candidate evaluated earlier: reuse its stored result
@@ -48,7 +48,7 @@ from ..execution import make_executor, wait_first
 from ..lang.psets import load_pset
 from ..lang.trees import to_text
 from ..lang.variation import mutate
-from ..runs.store import tie_value
+from ..runs.ranking import tie_value
 from ..screen import novelty
 from ..surrogate.fitness import evaluate
 from .cache import FitnessCache, default_path, settings_digest

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from ..runs.store import rank_key
+from ..runs.ranking import rank_key
 
 
 def _oldest_key(c):
@@ -54,7 +54,7 @@ class Population:
 
     def tournament(self, rng: random.Random, k: int):
         """The best of ``k`` members drawn with replacement (DESIGN §6): highest fitness, then
-        the lower validation NLL, then the lower id (``store.rank_key``)."""
+        the lower validation NLL, then the lower id (``ranking.rank_key``)."""
         ids = sorted(self.members)
         picks = [self.members[rng.choice(ids)] for _ in range(k)]
         return min(picks, key=lambda c: rank_key(c.fitness, c.val_nll, c.id))

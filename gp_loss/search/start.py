@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..lang import symbolic
 from ..lang.trees import parse, to_text
 from ..lang.variation import random_tree
-from ..runs.store import row_rank_key, tie_value
+from ..runs.ranking import row_rank_key, tie_value
 from ..screen import integrity, novelty
 from .proposals import Attempts, forced
 
@@ -45,7 +45,7 @@ class Cand:
     phenotype: object
     sign: int
     fitness: float | None = None
-    val_nll: float | None = None  # the tie-break between equal fitnesses (store.rank_key)
+    val_nll: float | None = None  # the tie-break between equal fitnesses (runs.ranking.rank_key)
     age: int = 0
     birth: int = 0
     phase: str = "child"
@@ -58,7 +58,7 @@ class SearchStopped(Exception):
 
 def initial_population(rows, population: int) -> list[dict]:
     """The initial population among stored rows: the best ``population`` phase-``initial``
-    rows that trained (``store.row_rank_key``: fitness descending, then the lower validation
+    rows that trained (``ranking.row_rank_key``: fitness descending, then the lower validation
     NLL, then the lowest id), fewer when fewer trained (the rest failed, e.g. the
     pre-screen). The one rule for the search, its log line and ``plot``."""
     ok = [r for r in rows if r["phase"] == "initial" and r["status"] in ("evaluated", "reused")]
