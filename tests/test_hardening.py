@@ -84,3 +84,31 @@ def test_setup_cfg_ships_every_package():
               for line in cfg["options"]["package_dir"].strip().splitlines()}
     assert listed == on_disk | mapped
     assert mapped == {"gp_loss.builtin_psets", "gp_loss.builtin_configs"}
+
+
+def test_a_checkout_without_install_finds_the_shipped_sets_and_configs(monkeypatch):
+    """``PYTHONPATH=. python -m gp_loss`` has no gp_loss.builtin_* data packages (only an
+    install maps them): the primitive sets and configs then come from the checkout's folders,
+    the same folders setup.cfg maps."""
+    import configparser
+    from pathlib import Path
+
+    from gp_loss import shipped
+    from gp_loss.config import builtin_config_names, builtin_config_path
+    from gp_loss.lang.psets import available_psets, load_pset
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    mapped = dict(line.replace(" ", "").split("=")
+                  for line in cfg["options"]["package_dir"].strip().splitlines())
+    assert mapped == shipped.FOLDERS  # one mapping: the install's and the checkout's agree
+    installed = (available_psets(), builtin_config_names())
+
+    def not_installed(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(shipped.resources, "files", not_installed)
+    assert (available_psets(), builtin_config_names()) == installed
+    assert load_pset("paper").name == "paper"
+    assert builtin_config_path("quick") == root / "search_runs" / "quick.toml"

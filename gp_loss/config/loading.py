@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .. import shipped
 from .rules import ConfigError, describe_value, suggest
 from .sections import Config, ExecutorConfig, SearchConfig, SurrogateConfig
 
@@ -110,7 +110,7 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
 def builtin_config_path(name: str) -> Path:
     """Path of a config shipped in ``search_runs`` ("quick" or "quick.toml")."""
     filename = name if name.endswith(".toml") else f"{name}.toml"
-    entry = resources.files("gp_loss.builtin_configs").joinpath(filename)
+    entry = shipped.files("gp_loss.builtin_configs").joinpath(filename)
     if not entry.is_file():
         names = builtin_config_names() + builtin_config_names("eliminate")
         close = suggest(name.removesuffix(".toml"), names)
@@ -122,7 +122,7 @@ def builtin_config_path(name: str) -> Path:
 def builtin_config_names(kind: str = "search") -> list[str]:
     """Names of the configs shipped in ``search_runs`` (without ``.toml``): search configs, or
     with ``kind="eliminate"`` the elimination settings (``*_eliminate.toml``)."""
-    names = sorted(e.name[:-5] for e in resources.files("gp_loss.builtin_configs").iterdir()
+    names = sorted(e.name[:-5] for e in shipped.files("gp_loss.builtin_configs").iterdir()
                    if e.name.endswith(".toml"))
     elim = [n for n in names if n.endswith("_eliminate")]
     return elim if kind == "eliminate" else [n for n in names if n not in elim]

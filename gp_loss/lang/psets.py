@@ -19,11 +19,11 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from deap import gp
 
+from .. import shipped
 from . import ops as prims
 
 
@@ -83,7 +83,7 @@ def _resolve_path(name_or_path: str) -> Path:
         candidate = Path(folder) / f"{text}.toml"
         if candidate.is_file():
             return candidate
-    builtin = resources.files("gp_loss.builtin_psets") / f"{text}.toml"
+    builtin = shipped.files("gp_loss.builtin_psets") / f"{text}.toml"
     if builtin.is_file():
         return Path(str(builtin))
     raise PSetError(f"unknown primitive set {text!r}; available: {', '.join(available_psets())}")
@@ -91,7 +91,7 @@ def _resolve_path(name_or_path: str) -> Path:
 
 def available_psets() -> list:
     """Names of the sets shipped in ``primitives/``."""
-    return sorted(p.name[:-5] for p in resources.files("gp_loss.builtin_psets").iterdir()
+    return sorted(p.name[:-5] for p in shipped.files("gp_loss.builtin_psets").iterdir()
                   if p.name.endswith(".toml"))
 
 
