@@ -58,14 +58,9 @@ def _pset(pset):
 
 
 def _tree(expr, pset):
-    """Text -> parsed tree; a tree passes through unchanged."""
-    if isinstance(expr, str):
-        from .lang.trees import parse as _parse
-        return _parse(expr, pset)
-    from deap import gp
-    if isinstance(expr, gp.PrimitiveTree):
-        return expr
-    raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
+    """Text -> parsed tree; a tree passes through unchanged (``lang.trees.as_tree``)."""
+    from .lang.trees import as_tree
+    return as_tree(expr, pset)
 
 
 def parse(text: str, pset="paper"):
@@ -145,9 +140,9 @@ def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -
     from .lang import export as _export
     pset = _pset(pset)
     tree = _tree(expr, pset)
+    name = _export.check_name(_export.default_name(expr, pset) if name is None else name)
     sign = sign_of(tree, pset) if sign is None else sign
-    entry = _export.make_entry(tree, pset, name=name if name is not None else
-                               _export.default_name(expr, pset), sign=sign, formula=formula)
+    entry = _export.make_entry(tree, pset, name=name, sign=sign, formula=formula)
     return _export.render([entry], "python")
 
 

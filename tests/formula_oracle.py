@@ -6,7 +6,7 @@ translation, equals the tree evaluated with the op table's independent float64 n
 references -- on y in {0, 1}, p in [1e-4, 1 - 1e-4] (paper) or one-hot and softmax rows (typed),
 relative 1e-6, 2e-5 where the text shows a 6-digit constant, plus what moving p by 8 float
 steps does to either (``slack``: float64 cannot pin a value closer than that near a pole or a
-cancellation). Nothing here uses the display code's own evaluator (``lowering.evaluate``).
+cancellation). Nothing here uses the display code's own evaluator (``domain.evaluate``).
 
 Known limit: the formula is the exact mathematics of the tree; where float64 absorbs a term
 (p + 1e20 - 1e20 computes 0) the text shows the mathematics (p) and this oracle says so.

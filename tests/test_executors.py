@@ -365,9 +365,19 @@ def test_pool_core_start_failures_must_be_in_a_row_and_cancel_skips_queued_work(
         assert pool.submit(operator.add, 1, 1).result(timeout=10) == 2
         pool.submit(_always_die).exception(timeout=10)  # the ready worker dies: replaced
         assert pool.submit(operator.add, 2, 1).result(timeout=10) == 3
-    pool = _ScriptedPool.make(workers=1, starts=[False])  # no worker ready for a moment
-    first = pool.submit(time.sleep, 0)
-    pool.shutdown(cancel=True)
-    assert first.cancelled() or first.done()
+    import threading
+
+    ran, gate = [], threading.Event()
+    with _ScriptedPool.make(workers=1) as pool:
+        busy = pool.submit(gate.wait, 10)  # holds the only worker (and the scripted dispatcher)
+        deadline = time.monotonic() + 10
+        while not busy.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = pool.submit(ran.append, "queued")
+        assert queued.cancel()  # still queued: cancellable
+        gate.set()
+        assert busy.result(timeout=10) is True
+        assert pool.submit(ran.append, "after").result(timeout=10) is None
+    assert queued.cancelled() and ran == ["after"]  # the cancelled call never ran
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(operator.add, 1, 1)

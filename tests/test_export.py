@@ -10,6 +10,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 import sympy
 import torch
 
@@ -195,3 +196,15 @@ def test_the_readme_shows_the_current_export_docstring(tmp_path):
     start = lines.index("def poly1(logits, target):")
     end = lines.index('    """', start)
     assert lines[start:end + 1] == shown
+
+
+def test_expressions_are_checked_in_turn_name_after_expression(tmp_path):
+    """Each expression is parsed and named before the next: the first bad one is the error."""
+    import gp_loss
+    with pytest.raises(gp_loss.InputError, match="bad loss name '1bad'"):
+        gp_loss.export(["ce", "bad("], tmp_path / "x.py", names=["1bad", "x"])
+    with pytest.raises(gp_loss.ParseError):
+        gp_loss.export(["bad(", "ce"], tmp_path / "x.py", names=["1bad", "x"])
+    with pytest.raises(gp_loss.InputError, match="bad loss name"):
+        gp_loss.to_source("ce", name="1bad")
+    assert not (tmp_path / "x.py").exists()

@@ -108,7 +108,8 @@ def test_a_checkout_without_install_finds_the_shipped_sets_and_configs(monkeypat
     def not_installed(package):
         raise ModuleNotFoundError(f"No module named {package!r}")
 
-    monkeypatch.setattr(shipped.resources, "files", not_installed)
+    from types import SimpleNamespace
+    monkeypatch.setattr(shipped, "resources", SimpleNamespace(files=not_installed))
     assert (available_psets(), builtin_config_names()) == installed
     assert load_pset("paper").name == "paper"
     assert builtin_config_path("quick") == root / "search_runs" / "quick.toml"

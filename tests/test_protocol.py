@@ -15,7 +15,7 @@ from scipy import stats
 
 from gp_loss.protocol import compare as C
 from gp_loss.protocol import eliminate as E
-from gp_loss.protocol import jobs as J
+from gp_loss.errors import InputError
 from gp_loss.cli.app import cli
 from gp_loss.config import config_to_dict, load_config
 from gp_loss.lang.psets import load_pset
@@ -238,7 +238,7 @@ def test_rounds_defaults_and_validation():
     assert [(x.steps, x.model, x.seeds) for x in r] == [(100, "mlp", (0,)), (200, "mlp", (0, 1, 2))]
     for bad in ({"keep": [2, 4]}, {"keep": []}, {"keep": [3, 2], "steps": [1, 2, 3]},
                 {"nope": 1}, {"keep": [2, 1], "seeds": [0]}):
-        with pytest.raises(J.InputError):
+        with pytest.raises(InputError):
             E.resolve_rounds(bad, sur)
 
 
@@ -263,7 +263,7 @@ def test_eliminate_rounds_scores_and_idempotent(tmp_path):
     CALLS.clear()
     again = E.eliminate(store, rounds, sur, evaluate_fn=fake_eval)
     assert CALLS == [] and again["rounds"] == res["rounds"] and again["trained_now"] == 0
-    with pytest.raises(J.InputError):  # other settings on the same run are refused
+    with pytest.raises(InputError):  # other settings on the same run are refused
         E.eliminate(store, E.resolve_rounds({"keep": [3, 1]}, sur), sur,
                            evaluate_fn=fake_eval)
     store.close()
@@ -420,7 +420,7 @@ def test_rounds_with_stages():
                      ({"keep": [2], "stages": [{"steps": 0}]}, r"eliminate.stages\[0\].steps"),
                      ({"keep": [2], "stages": [{"size": 8, "steps": 1}]}, "eliminate.stages"),
                      ({"keep": [2], "stages": {"steps": 1}}, "eliminate.stages")]:
-        with pytest.raises(J.InputError, match=key):
+        with pytest.raises(InputError, match=key):
             E.resolve_rounds(bad, sur)
 
 
@@ -468,7 +468,7 @@ def test_eliminate_with_stages_resumes(tmp_path):
     assert [len(r["stages"]) for r in saved] == [1, 2]  # the stages are part of the plan
     # other stages on the same run are refused
     other = E.resolve_rounds({**table, "stages": [{"steps": 10}, {"steps": 15}]}, sur)
-    with pytest.raises(J.InputError, match="other settings"):
+    with pytest.raises(InputError, match="other settings"):
         E.eliminate(store, other, sur, evaluate_fn=_stage_eval)
     res = E.eliminate(store, rounds, sur, evaluate_fn=_stage_eval)
     # the interrupted 5th run (round 2, 2nd entrant) is the only one trained again

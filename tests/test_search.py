@@ -634,7 +634,9 @@ def test_vet_gives_one_verdict_shape_for_every_outcome_and_seeds_are_forced():
     first = judge(ce)
     assert (first.status, first.accepted, first.reason, first.past_id) == ("new", True, None,
                                                                            None)
-    assert first.key and first.phenotype is not None and first.sign == first.screened.sign
+    assert first.key and first.phenotype is not None and first.sign == 1  # CE: minimised as is
+    assert vet(parse("mul(y, log(p))", pset), pset, pool=NoveltyIndex(), past=past,
+               phenotypes=[], tolerance=0.0).sign == -1  # its negation: maximised
     const = judge(parse("add(y, y)", pset))
     assert (const.status, const.accepted) == ("rejected", False)
     assert const.reason.startswith("integrity") and const.key is None

@@ -230,7 +230,7 @@ def test_top_breaks_fitness_ties_by_the_lower_validation_nll(store):
 
 # ------------------------------------------------------------------ schema 1 -> 2 (issue 13)
 
-# The version-1 schema as gp-loss wrote it (``store._SCHEMA`` at SCHEMA_VERSION 1), verbatim: a
+# The version-1 schema as gp-loss wrote it (``store._SCHEMA`` at SCHEMA_VERSION 1, now ``schema.SCHEMA`` at 2), verbatim: a
 # ``fitness_cache`` table nothing read and three candidate columns nothing wrote.
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values

@@ -10,6 +10,7 @@ builds the one a config asks for.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 from typing import Any, Callable, Iterable
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -36,6 +37,14 @@ def wait_first(futures: Iterable[cf.Future], timeout: float | None = None
     """(done, not_done) as soon as at least one future is done (or ``timeout`` passes)."""
     done, not_done = cf.wait(list(futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
     return done, not_done
+
+
+def set_thread_env(threads: int) -> None:
+    """In a worker, before torch loads its BLAS/OpenMP: ``threads`` threads for each (the
+    variables of ``THREAD_ENV``); 0 leaves them alone."""
+    if threads > 0:
+        for var in THREAD_ENV:
+            os.environ[var] = str(threads)
 
 
 def set_torch_threads(threads: int) -> None:

@@ -18,8 +18,10 @@ incarnation) and runs a dispatcher thread. The rules live here, once:
 A backend only starts, feeds and watches its workers: ``_pack`` (serialise a call), ``_start``
 (a new slot), ``_send`` (give a slot its task), ``_wait`` (block for one event and report it
 through ``_worker_ready``, ``_task_done``, ``_worker_lost`` or ``_give_up``), ``_retire`` (stop
-a dead or surplus worker), ``_stop_all`` and ``_close``. Every call into the backend happens
-on the dispatcher thread except ``_pack`` and ``_wake``.
+a dead or surplus worker), ``_stop_all`` and ``_close``. These underscore names (and
+``_slots``) are the protected interface between the core and its subclasses, not for other
+callers. The backend is called on the dispatcher thread, except ``_pack`` and ``_wake`` (on
+the submitting thread) and the first ``_start`` calls (in ``__init__``, on the caller's).
 """
 from __future__ import annotations
 
@@ -32,8 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .base import MAX_START_FAILURES, EvaluationTimeout, Executor, RemoteTraceback, WorkerLost
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -72,6 +72,8 @@ class WorkerPool(Executor):
     """The shared core; subclasses implement the worker hooks named in the module docstring."""
 
     noun = "workers"  # in the give-up message: "<noun> keep dying at start-up"
+    failed_as = "executor"  # in the message a dispatcher bug leaves: "<failed_as> failed: ..."
+    retry_log: logging.Logger | None = None  # where each retry is logged (None: not logged)
 
     def __init__(self, workers: int, retries: int, thread_name: str):
         self.capacity = workers
@@ -149,7 +151,7 @@ class WorkerPool(Executor):
             while self._step():
                 pass
         except BaseException as exc:  # a bug here must fail the futures, not leave them hanging
-            self._broken = f"executor failed: {type(exc).__name__}: {exc}"
+            self._broken = f"{self.failed_as} failed: {type(exc).__name__}: {exc}"
             raise
         finally:
             self._stop()
@@ -205,7 +207,8 @@ class WorkerPool(Executor):
             task.future.set_exception(EvaluationTimeout(reason))
         elif task is not None and task.attempt < self._retries:
             task.attempt += 1  # to the head of the queue, for the replacement or another
-            log.warning("%s; retry %d of %d", reason, task.attempt, self._retries)
+            if self.retry_log is not None:
+                self.retry_log.warning("%s; retry %d of %d", reason, task.attempt, self._retries)
             with self._lock:
                 self._queue.appendleft(task)
         elif task is not None:

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .base import THREAD_ENV, set_torch_threads
+from .base import set_thread_env, set_torch_threads
 from .pool import Slot, Task, WorkerPool
 
 
@@ -37,9 +37,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, threads: int,
                  parent_pid: int) -> None:
     """Body of a spawned worker: set threads, report ready, then run tasks until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if threads > 0:
-        for var in THREAD_ENV:
-            os.environ[var] = str(threads)
+    set_thread_env(threads)
 
     def watch_parent() -> None:
         # An orphaned worker would keep a core busy after the driver was killed.
@@ -71,7 +69,12 @@ def _worker_main(conn: multiprocessing.connection.Connection, threads: int,
             conn.send(reply)
         except Exception:  # an unpicklable result or exception: report it as text
             text = reply[3] if reply[0] == "error" else f"result is not picklable: {reply[2]!r}"
-            conn.send(("error", task_id, RuntimeError(text.strip().splitlines()[-1]), text))
+            conn.send(("error", task_id, RuntimeError(_last_line(text)), text))
+
+
+def _last_line(traceback_text: str) -> str:
+    """The exception line that ends a formatted traceback."""
+    return traceback_text.strip().splitlines()[-1]
 
 
 class _Worker(Slot):
@@ -167,7 +170,7 @@ class ProcessExecutor(WorkerPool):
         if tag == "ready":
             self._worker_ready(worker)
         elif tag == "init_error":
-            self._give_up(f"worker initialisation failed: {message[1].strip().splitlines()[-1]}")
+            self._give_up(f"worker initialisation failed: {_last_line(message[1])}")
         elif tag == "ok":
             self._task_done(worker, result=message[2])
         else:

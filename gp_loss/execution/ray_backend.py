@@ -41,7 +41,7 @@ import socket
 from typing import Any, Callable
 
 from ..config import ConfigError
-from .base import THREAD_ENV, set_torch_threads
+from .base import set_thread_env, set_torch_threads
 from .pool import Slot, Task, WorkerPool
 from ..errors import describe, first_line
 
@@ -78,9 +78,7 @@ class EvalActor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
         except ValueError:  # not the main thread of this worker: nothing to do
             pass
-        if threads > 0:
-            for var in THREAD_ENV:
-                os.environ[var] = str(threads)
+        set_thread_env(threads)
         set_torch_threads(threads)
 
     def ready(self) -> tuple[int, str]:
@@ -107,6 +105,8 @@ class RayExecutor(WorkerPool):
 
     kind = "ray"
     noun = "ray actors"
+    failed_as = "ray executor"
+    retry_log = log
 
     def __init__(self, workers: int = 1, threads: int = 1, *, retries: int = 0,
                  address: str = "", gpus_per_eval: float = 0.0):

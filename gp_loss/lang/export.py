@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..version import __version__
 from . import codegen
 from .psets import load_pset
-from .trees import parse, to_text, var_name
+from .trees import as_tree, to_text, var_name
 
 FORMATS = ("python", "latex", "sympy", "json")
 SUFFIXES = {"python": ".py", "latex": ".tex", "sympy": ".py", "json": ".json"}
@@ -80,7 +80,7 @@ def make_entry(expr, pset="paper", name=None, *, sign: int, formula=None, **extr
     ``formula`` None: the simplified formula (``formula.formula``). The entry also holds
     ``per_class`` (sign applied) and ``per_class_reason`` (:func:`per_class_of`)."""
     pset = load_pset(pset)
-    tree = _tree(expr, pset)
+    tree = as_tree(expr, pset)
     name = check_name(default_name(expr, pset) if name is None else name)
     if formula is None:
         from . import formula as formula_mod
@@ -90,13 +90,6 @@ def make_entry(expr, pset="paper", name=None, *, sign: int, formula=None, **extr
     return {"name": name, "tree": tree, "pset": pset, "sign": sign,
             "formula": str(formula), "expr": to_text(tree, pset), "per_class": form,
             "per_class_reason": reason, **extra}
-
-
-def _tree(expr, pset) -> gp.PrimitiveTree:
-    tree = parse(expr, pset) if isinstance(expr, str) else expr
-    if not isinstance(tree, gp.PrimitiveTree):
-        raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
-    return tree
 
 
 def expr_entries(exprs, pset="paper", names=None, *, sign_of) -> list:
@@ -117,9 +110,12 @@ def expr_entries(exprs, pset="paper", names=None, *, sign_of) -> list:
                     seen[n] = seen.get(n, 0) + 1
                     names[i] = f"{n}{seen[n]}"
     _unique(names)
-    trees = [_tree(e, pset) for e in exprs]
-    return [make_entry(t, pset, name=n, sign=sign_of(t, pset))
-            for t, n in zip(trees, names)]
+    entries = []
+    for expr, name in zip(exprs, names):  # each in turn: the first bad one is the error
+        tree = as_tree(expr, pset)
+        name = check_name(name)
+        entries.append(make_entry(tree, pset, name=name, sign=sign_of(tree, pset)))
+    return entries
 
 
 def run_lines(entries) -> list:

@@ -32,8 +32,7 @@ import numpy as np
 import sympy
 from deap import gp
 
-from .algebra import (DISPLAY_FORMS, KEY_FORMS, P, add_terms, drop_free_terms, kabs, kerf, kmax,
-                      ksig, normal_form)
+from .algebra import DISPLAY_FORMS, KEY_FORMS, P, add_terms, drop_free_terms, normal_form
 from .ops import plog
 from .psets import load_pset
 from .trees import to_text, var_name

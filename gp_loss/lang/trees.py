@@ -17,6 +17,7 @@ import re
 
 from deap import gp
 
+from ..errors import InputError
 from .psets import PSet, load_pset
 
 MAX_TEXT = 100_000  # characters; far above any tree within the size limits
@@ -217,6 +218,16 @@ def parse(text: str, pset="paper", *, max_height=None, max_size=None) -> gp.Prim
         raise ParseError(f"expression deeper than the limit of {max_height} levels")
     return tree
 
+
+
+def as_tree(expr, pset="paper") -> gp.PrimitiveTree:
+    """Expression text (or a zoo name) parsed, or a ``PrimitiveTree`` passed through; anything
+    else is an ``InputError``. What every API function and exporter accepts as an expression."""
+    if isinstance(expr, str):
+        return parse(expr, pset)
+    if isinstance(expr, gp.PrimitiveTree):
+        return expr
+    raise InputError(f"expected expression text or a PrimitiveTree, got {type(expr).__name__}")
 
 def _fits(in_types, child_sets):
     return len(in_types) == len(child_sets) and all(t in s for t, s in zip(in_types, child_sets))

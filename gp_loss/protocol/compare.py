@@ -28,7 +28,8 @@ import statistics
 import time
 from typing import Callable, Sequence
 
-from .jobs import InputError, run_jobs
+from ..errors import InputError
+from .jobs import run_jobs
 
 log = logging.getLogger("gp_loss")
 

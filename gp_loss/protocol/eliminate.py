@@ -29,7 +29,8 @@ import statistics
 from typing import Callable, Sequence
 
 from ..config import MODEL_ALIASES, check_stages
-from .jobs import InputError, run_jobs
+from ..errors import InputError
+from .jobs import run_jobs
 
 log = logging.getLogger("gp_loss")
 

@@ -6,7 +6,7 @@
 
 Both train only through ``fitness.evaluate`` (the same worker function the search runs, so an
 executor can run it), by way of ``run_jobs`` here; both take a run's best distinct candidates
-from ``RunStore.top`` / ``RunStore.best``; bad input to either is an ``InputError`` (CLI exit 2).
+from ``RunStore.top`` / ``RunStore.best``; bad input to either is an ``errors.InputError`` (``gp_loss.InputError``, CLI exit 2).
 
 Fed by a run store (``store.py``) and ``execution/``. Used by ``compare.py`` and
 ``eliminate.py``, which import this module (the CLI, ``cli/protocol.py``, and ``analysis/``
@@ -17,10 +17,6 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import describe
-
-
-class InputError(ValueError):
-    """Bad input to the protocol (unknown loss/dataset/model, bad rounds); CLI exit 2."""
 
 
 def run_jobs(jobs: list[tuple], executor, evaluate_fn: Callable, on_done=None) -> list[dict]:

@@ -32,7 +32,6 @@ def run_entries(run_dir, top: int = 5) -> list:
     pset = load_pset(pset_name)
     return [make_entry(row["expr"], pset, name=f"rank{i}",
                        sign=row["sign"] if row.get("sign") in (1, -1) else 1,
-                       formula=row.get("formula") or None,
                        fitness=row.get("fitness"), candidate_id=row.get("id"), run=run,
                        seeds=len((row.get("result") or {}).get("seed_fitness") or []) or 1,
                        elimination_score=row.get("elimination_score"))
