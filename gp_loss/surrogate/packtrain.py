@@ -1,0 +1,279 @@
+"""Population training (issue 14): K candidates trained at once as one grouped network.
+
+``train_pack(loss_fns, surrogate, seeds, width=K)`` trains every candidate of the list, K at a
+time, and returns one result per candidate, the same dict ``train.train_candidate`` returns
+plus ``pack_k`` (the width it ran at). A step of the pack is one grouped forward and one
+backward through ``pack.Pack`` for all K slots; everything else is per slot, exactly as a
+candidate trained alone: its own seeded initial weights, batches, learning-rate schedule,
+Adam state, stop rules, validation and test checkpoint (each slot is a ``train._Run``; its
+validation runs its own plain network, so what the best checkpoint means does not change).
+
+What makes a result a function of (expression, settings, seed, K) only -- never of which
+candidates share the pack or which slot it sits in (tests check it bit for bit):
+
+- The pack always has width K. A slot with no candidate (a pack of fewer than K, or one whose
+  candidate finished) is fed zeros and its outputs are ignored: the kernels, chosen by shape,
+  are the same for every pack of width K.
+- Every grouped layer keeps the slots apart (grouped convolutions, per-channel BatchNorm,
+  batched matrix products), and the loss of each slot is computed on its own detached logits:
+  its gradient w.r.t. those logits comes from ``torch.autograd.grad`` alone, so one slot's
+  NaN or exception cannot reach another's, and the network's backward gets the K gradients
+  stacked (zeros for empty slots).
+- Slots of one seed that start together share one ``Batches`` stream (the batch is drawn,
+  gathered and augmented once per step for all of them); that stream is the one each would
+  draw alone.
+
+A slot's life: the pre-screen, the mid-run rule, NaN/inf losses and exceptions end that
+candidate alone with today's reasons; the others go on. A finished slot is refilled with the
+next candidate of the list (when every stage has one image size: a refill restarts at stage 1,
+and the input of all slots must have one shape); otherwise the next K start together when the
+pack is empty. ``surrogate.timeout_s`` cannot be measured per slot: the pack as a whole gets
+K x timeout_s, and the candidates still unfinished then are retried alone (K = 1, with the
+ordinary per-candidate limit). An out-of-memory error in the pack's own step (not inside one
+loss) retries its unfinished candidates in packs of half the width. Either way each result
+says the width it ran at (``pack_k``).
+
+A model the pack cannot serve (``pack.packable``) trains alone (K = 1; ``fallback_warned``).
+torch.compile (``surrogate.compile``) applies to K = 1 only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .batches import Batches
+from .data import load_splits, resolve_device
+from .models import build_model
+from .models import ALIASES
+from .pack import PACKABLE, Pack
+from .train import LossFn, _config, _Run, error_reason, train_candidate
+
+__all__ = ["train_pack"]
+
+log = logging.getLogger("gp_loss.surrogate")
+_WARNED: set = set()
+
+
+def packable_name(model: str) -> bool:
+    """Whether the model called ``model`` (a ``surrogate.model`` value) can train in a pack."""
+    try:
+        net = build_model(ALIASES.get(model, model), 1, 2, 8)
+    except Exception:  # an unknown name is the trainer's error to report, not ours
+        return False
+    return type(net) in PACKABLE
+
+
+def effective_width(model: str, width: int) -> int:
+    """The width candidates of ``model`` train at when ``width`` is asked for."""
+    return width if width > 1 and packable_name(model) else 1
+
+
+def fallback_warned(model: str) -> None:
+    """Say once per process that ``model`` trains alone."""
+    if model not in _WARNED:
+        _WARNED.add(model)
+        log.warning("model %r cannot be packed: its candidates train one at a time (K = 1)",
+                    model)
+
+
+def train_pack(loss_fns: list[LossFn], surrogate: dict, seeds: list[int], *, width: int,
+               device: str = "cpu", with_test: bool = False) -> list[dict]:
+    """Train each ``loss_fns[i]`` with seed ``seeds[i]``, ``width`` at a time; one result each
+    (``train_candidate``'s keys plus ``pack_k``). ``width`` 1 is exactly ``train_candidate``."""
+    if len(loss_fns) != len(seeds):
+        raise ValueError("one seed per loss")
+    cfg = _config(surrogate)
+    if width <= 1 or not packable_name(cfg["model"]):
+        if width > 1:
+            fallback_warned(cfg["model"])
+        return [{**train_candidate(fn, surrogate, seed=s, device=device, with_test=with_test),
+                 "pack_k": 1} for fn, s in zip(loss_fns, seeds)]
+    dev = torch.device(resolve_device(device))
+    splits = load_splits(cfg["dataset"], data_root=cfg["data_root"], split_seed=cfg["split_seed"],
+                         val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"],
+                         train_fraction=cfg["train_fraction"], device=dev,
+                         download=cfg["download"])
+    results: list = [None] * len(loss_fns)
+    spent = [0.0] * len(loss_fns)  # a slot's own wall seconds, pre-screen run included
+    phases = [(cfg, with_test)]
+    if cfg["prescreen_separate"] and cfg["prescreen_steps"] > 0:
+        one = {"steps": cfg["prescreen_steps"],
+               "image_size": cfg["prescreen_image_size"] or cfg["image_size"]}
+        pre = {**cfg, **one, "augment": "none", "midrun_step": 0, "_prescreen_run": True,
+               "stages": ({**cfg["stages"][0], **one},)}
+        phases = [(pre, False), ({**cfg, "prescreen_steps": 0}, with_test)]
+    for n, (phase_cfg, test) in enumerate(phases):
+        last = n == len(phases) - 1
+        todo = [i for i in range(len(loss_fns)) if results[i] is None]
+        done, alone = _phase(todo, loss_fns, seeds, phase_cfg, splits, dev, test, width)
+        for i, res in done:
+            spent[i] += res["seconds"]
+            if last or res["status"] != "ok":  # a passed pre-screen goes on to the full run
+                results[i] = {**res, "seconds": spent[i]}
+        for i in alone:  # timed out in the pack, or out of memory down to width 2: alone
+            res = train_candidate(loss_fns[i], surrogate, seed=seeds[i], device=device,
+                                  with_test=with_test)
+            results[i] = {**res, "pack_k": 1}
+    return results
+
+
+def _phase(todo, loss_fns, seeds, cfg, splits, dev, with_test, width):
+    """Train ``todo`` in packs of ``width``: (finished (index, result) pairs, the indices to
+    retry alone). An out-of-memory error in the pack's step retries its unfinished candidates
+    at half the width (alone below 2); the finished ones keep their results."""
+    run = _PackRun(todo, loss_fns, seeds, cfg, splits, dev, with_test, width)
+    try:
+        return run.run()
+    except (MemoryError, torch.OutOfMemoryError):
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    finished = {i for i, _ in run.done}
+    rest = [i for i in todo if i not in finished]
+    if width // 2 < 2:
+        return run.done, rest
+    done, alone = _phase(rest, loss_fns, seeds, cfg, splits, dev, with_test, width // 2)
+    return run.done + done, alone
+
+
+class _PackRun:
+    """One pack of ``width`` slots working through ``todo``; ``run()`` returns
+    (finished (index, result) pairs, indices left unfinished by the pack's time limit)."""
+
+    def __init__(self, todo, loss_fns, seeds, cfg, splits, dev, with_test, width):
+        self.queue, self.loss_fns, self.seeds = list(todo), loss_fns, seeds
+        self.cfg, self.splits, self.dev, self.with_test, self.width = cfg, splits, dev, with_test, width
+        self.size = cfg["image_size"] or splits.image_size
+        sizes = {st["image_size"] or splits.image_size for st in cfg["stages"]}
+        self.refill = len(sizes) == 1
+        # per slot: None (empty) or [index, _Run, cohort]; the slot's own cfg has no time limit
+        self.slot_cfg = {**cfg, "timeout_s": 0.0}
+        self.slots: list = [None] * width
+        self.pack = Pack([self._net(0) for _ in range(width)])  # placeholders until filled
+        self.fast = None
+        if dev.type == "cuda":
+            self.fast = {"amp": cfg["amp"] == "bf16" or (cfg["amp"] == "auto"
+                                                         and torch.cuda.is_bf16_supported())}
+        self.limit = cfg["timeout_s"] * width
+        self.t0 = time.perf_counter()
+        self.done: list = []
+        self.pstep = 0  # pack steps so far: a cohort is (seed, the pack step it started at)
+        self.cohorts: dict = {}
+
+    def _net(self, seed: int) -> torch.nn.Module:
+        """A fresh network from ``seed``, as ``train._seeded_run`` builds it (same weights)."""
+        fork_devices = [self.dev.index or 0] if self.dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            net = build_model(self.cfg["model"], self.splits.in_channels,
+                              self.splits.num_classes, self.size).to(self.dev)
+        if self.dev.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def _start(self, k: int) -> None:
+        i = self.queue.pop(0)
+        seed = self.seeds[i]
+        net = self._net(seed)
+        run = _Run(net, self.loss_fns[i], self.splits, self.slot_cfg, seed, self.dev,
+                   self.with_test, time.perf_counter())
+        cohort = (seed, self.pstep)
+        if cohort not in self.cohorts:
+            self.cohorts[cohort] = Batches(self.splits, self.slot_cfg, seed, self.dev)
+        run.batches = self.cohorts[cohort]
+        self.pack.replace(k, net)
+        self.slots[k] = [i, run, cohort, 0.0]  # 0.0: the slot's share of the wall so far
+
+    def _fill(self) -> None:
+        empty = [k for k, s in enumerate(self.slots) if s is None]
+        if not self.refill and len(empty) < self.width:
+            return  # stages change the image size: the next ones start together
+        for k in empty:
+            if self.queue:
+                self._start(k)
+
+    def _finish(self, k: int, status: str, reason) -> None:
+        i, run, cohort, spent = self.slots[k]
+        self.slots[k] = None
+        t = time.perf_counter()
+        res = run.result(status, reason)
+        res["seconds"] = spent + time.perf_counter() - t
+        res["pack_k"] = self.width
+        self.done.append((i, res))
+        if not any(s is not None and s[2] == cohort for s in self.slots):
+            del self.cohorts[cohort]
+
+    def run(self):
+        self._fill()
+        while any(s is not None for s in self.slots):
+            self._step()
+            self.pstep += 1
+            self._fill()
+            if self.limit and time.perf_counter() - self.t0 > self.limit:
+                left = [s[0] for s in self.slots if s is not None] + self.queue
+                return self.done, left
+        return self.done, []
+
+    def _step(self) -> None:
+        """One step of every candidate in the pack. A slot is charged its share of the
+        shared work (the step's wall time / the candidates in it) and its own events (so
+        the seconds of a pack's results add up to its wall time)."""
+        t = time.perf_counter()
+        active = [(k, s[1]) for k, s in enumerate(self.slots) if s is not None]
+        drawn: dict = {}
+        batch = {}
+        for k, run in active:
+            cohort = self.slots[k][2]
+            if cohort not in drawn:
+                drawn[cohort] = run.batches.next(run.stages.size, run.stages.magnitude)
+            run.group["lr"] = run.lrs[run.step]
+            run.step += 1
+            batch[k] = drawn[cohort]
+        like = batch[active[0][0]][0]
+        x = torch.stack([batch[k][0] if k in batch else torch.zeros_like(like)
+                         for k in range(self.width)])
+        logits = self._logits(x)
+        grads = [None] * self.width
+        for k, run in active:
+            yb = batch[k][1]
+            lk = logits[k].detach().requires_grad_(True)
+            try:
+                loss = run.loss_fn(lk, yb)
+                reason = run.rules.loss(loss)
+                if reason is None and not loss.requires_grad:
+                    loss.backward()  # raises what a candidate trained alone raises
+                if reason is None:
+                    grads[k], = torch.autograd.grad(loss, lk)
+            except Exception as exc:  # one candidate's loss fails: that candidate alone
+                reason = error_reason(exc)
+            if reason is not None:
+                self._finish(k, "failed", reason)
+                continue
+            run.opt.zero_grad(set_to_none=True)
+            run.window.add(lk, yb)
+        live = [(k, run) for k, run in active if grads[k] is not None]
+        if live:
+            zero = torch.zeros_like(logits[0])
+            logits.backward(torch.stack([g if g is not None else zero for g in grads]))
+            for k, run in live:
+                run.opt.step()
+        share = (time.perf_counter() - t) / len(active)
+        for k, _ in active:
+            if self.slots[k] is not None:
+                self.slots[k][3] += share
+        for k, run in live:
+            t = time.perf_counter()
+            reason = run.event()
+            self.slots[k][3] += time.perf_counter() - t
+            if reason is not None:
+                self._finish(k, "failed", reason)
+            elif run.step >= run.steps:
+                self._finish(k, "ok", None)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is None:
+            return self.pack(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.fast["amp"]):
+            out = self.pack(x)
+        return out.float()
