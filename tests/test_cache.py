@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import gp_loss.search.evolution as evo
+from test_search import use_fake
 from gp_loss.search.cache import FitnessCache, settings_digest
 from gp_loss.config import Config, apply_overrides, config_to_dict
 
@@ -16,7 +17,7 @@ CFG = ["executor.kind=serial", 'search.reference=["ce"]', "surrogate.steps=100",
 
 
 def run(run_dir, cfg, fake, monkeypatch):
-    monkeypatch.setattr(evo, "evaluate", fake)
+    use_fake(monkeypatch, fake)
     store = evo.start_run(run_dir, cfg)
     assert evo.Evolution(store, cfg).run()["stop_reason"] == "finished"
     return store

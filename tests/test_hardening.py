@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import gp_loss.search.evolution as evo
+from test_search import use_fake
 from gp_loss.lang.psets import PSetError, load_pset
 from tests.test_search import FakeEvaluate, make_cfg
 
@@ -51,7 +52,7 @@ def test_a_too_small_search_space_stops_with_a_reason(tmp_path, monkeypatch):
     pset = _write(tmp_path, "tiny_ops", ops='["neg", "log"]', constants="[]")
     cfg = make_cfg(f"search.pset={str(pset)!r}", "search.initial=20", "search.population=5",
                    "search.children=3", "search.max_retries=4")
-    monkeypatch.setattr(evo, "evaluate", FakeEvaluate())
+    use_fake(monkeypatch, FakeEvaluate())
     store = evo.start_run(tmp_path / "run", cfg)
     result = evo.Evolution(store, cfg).run()
     assert "too small" in result["stop_reason"]

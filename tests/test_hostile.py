@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import gp_loss.search.evolution as evo
+from test_search import use_fake
 from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides, config_to_dict
 from gp_loss.runs.store import RunStore, StoreError
@@ -219,10 +220,11 @@ class FailingConnection:
 @pytest.mark.parametrize("message", ["database or disk is full", "disk I/O error"])
 def test_a_failing_write_stops_the_search_cleanly_and_resume_continues(
         cli_run, tmp_path, monkeypatch, message):
-    monkeypatch.setattr(evo, "evaluate", FakeEvaluate())
+    use_fake(monkeypatch, FakeEvaluate())
     sets = ["--set", "executor.kind=serial", "--set", "search.initial=4", "--set",
             "search.population=2", "--set", "search.tournament=2", "--set",
-            "search.children=6", "--set", 'search.reference=[]']
+            "search.children=6", "--set", 'search.reference=[]',
+            "--set", "executor.candidates_per_worker=1"]  # results land one by one
     good = tmp_path.parent / f"{tmp_path.name}-good"
     assert CliRunner().invoke(cli, ["-q", "search", "--run-dir", str(good), *sets]
                               ).exit_code == 0

@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 import gp_loss.search.evolution as evo
+from test_search import use_fake
 from gp_loss.lang import codegen
 from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides
@@ -61,7 +62,7 @@ def run_dir(tmp_path_factory):
         "search.tournament=2", "search.reeval_seeds=2"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GP_LOSS_CACHE", "off")
-        mp.setattr(evo, "evaluate", FakeEvaluate())
+        use_fake(mp, FakeEvaluate())
         store = evo.start_run(path, cfg)
         try:
             assert evo.Evolution(store, cfg).run()["stop_reason"] == "finished"
@@ -353,7 +354,7 @@ def test_progress_legend_counts_the_population_the_search_logged(tmp_path, monke
     level = logger.level
     logger.setLevel(logging.INFO)  # (setLevel: the logger caches what is enabled)
     logger.addHandler(handler)
-    monkeypatch.setattr(evo, "evaluate", FailSome())
+    use_fake(monkeypatch, FailSome())
     store = evo.start_run(tmp_path / "run", cfg)
     try:
         assert evo.Evolution(store, cfg).run()["stop_reason"] == "finished"

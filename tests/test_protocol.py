@@ -294,7 +294,8 @@ def test_eliminate_cli_resumes_after_interruption(run, tmp_path, monkeypatch):
     import gp_loss.surrogate.fitness
     store, ids, sur = _store(tmp_path / "run")
     store.close()
-    args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]", "--json"]
+    args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]",
+            "--set", "executor.candidates_per_worker=1", "--json"]  # the fake: one at a time
     CALLS.clear()
     monkeypatch.setattr(gp_loss.surrogate.fitness, "evaluate", _Interrupt(after=5))
     r = run(*args)
@@ -509,7 +510,7 @@ def test_show_displays_elimination_rounds(run, tmp_path, monkeypatch):
     assert r.exit_code == 0 and json.loads(r.stdout)["elimination"] is None
     assert "Elimination" not in run("show", tmp_path / "run").stdout
     args = ["eliminate", tmp_path / "run", "--set", "eliminate.keep=[4,2]", "--set",
-            "eliminate.seeds=[1,2]"]
+            "eliminate.seeds=[1,2]", "--set", "executor.candidates_per_worker=1"]
     monkeypatch.setattr(gp_loss.surrogate.fitness, "evaluate", _Interrupt(after=5))
     assert run(*args).exit_code == 130  # round 1 done, round 2: 1 of 4 runs
     s = json.loads(run("show", tmp_path / "run", "--json").stdout)

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 import gp_loss.search.evolution as evo
+from test_search import use_fake
 from gp_loss.cli.app import cli
 from gp_loss.config import Config, apply_overrides
 from gp_loss.runs.store import RunStore
@@ -62,14 +63,17 @@ class InterruptingEvaluate:
                 "seconds": 0.0}
 
 
+# One evaluation at a time (K = 1): each interrupt leaves exactly one pending. The pack
+# variants (K > 1) are below.
 FAKE_CFG = ["executor.kind=serial", "search.initial=5", "search.population=3",
-            "search.tournament=2", "search.children=16", "surrogate.steps=10"]
+            "search.tournament=2", "search.children=16", "surrogate.steps=10",
+            "executor.candidates_per_worker=1"]
 
 
 def run_interrupted(run_dir, stops, monkeypatch, extra=()):
     cfg = apply_overrides(Config(), FAKE_CFG + list(extra))
     fake = InterruptingEvaluate(stops)
-    monkeypatch.setattr(evo, "evaluate", fake)
+    use_fake(monkeypatch, fake)
     evo.start_run(run_dir, cfg).close()
     cut_in = []  # the phase of the evaluation each interrupt hit
     for attempt in range(len(stops) + 1):
@@ -82,7 +86,11 @@ def run_interrupted(run_dir, stops, monkeypatch, extra=()):
             pending = store.candidates(status="pending")
             # the evaluation that was running (+ re-scores not yet submitted, all stored
             # when the seeding phase ended)
-            assert len(pending) == 1 or {r["phase"] for r in pending} <= {"initial", "reeval"}
+            if cfg.executor.candidates_per_worker == 1:
+                assert len(pending) == 1 or {r["phase"] for r in pending} <= {"initial",
+                                                                             "reeval"}
+            else:  # the pack in flight, and what was proposed for the next before the cut
+                assert 1 <= len(pending) <= 2 * cfg.executor.candidates_per_worker + 4
             cut_in.append(pending[0]["phase"])
     raise AssertionError("the run did not finish")
 
@@ -136,7 +144,7 @@ def test_an_old_run_whose_config_says_tinycnn_resumes_as_tiny(tmp_path, monkeypa
         store.set_meta("config", old)
         from gp_loss.runs import report
         assert report.summary(store, 0, formulas=False)["config"]["model"] == "tiny"  # show
-    monkeypatch.setattr(evo, "evaluate", InterruptingEvaluate())
+    use_fake(monkeypatch, InterruptingEvaluate())
     res = CliRunner().invoke(cli, ["-q", "resume", str(run_dir), "--set", "search.children=16"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -162,11 +170,30 @@ def test_interrupted_serial_runs_resume_exactly(tmp_path, monkeypatch):
     assert got[1:] == expected[1:]  # population with its ages, counters
 
 
+@pytest.mark.parametrize("k", [3, 8])
+def test_interrupted_serial_pack_runs_resume_exactly(tmp_path, monkeypatch, k):
+    # K candidates per pack (2K per call): an interrupt cuts a pack in the middle; the
+    # resumed run re-runs the pack whole and ends as the uninterrupted one, row for row,
+    # re-evaluations included.
+    extra = [f"executor.candidates_per_worker={k}", "search.reeval_seeds=2",
+             "search.reeval_after=2"]
+    baseline = tmp_path / "base"
+    assert run_interrupted(baseline, (), monkeypatch, extra)[0] == 0
+    expected = table(baseline)
+    assert expected[2]["phase"] == "done" and expected[2]["children_done"] == 16
+    stops = (2, 5, 9, 10, 16, 23, 31)
+    run_dir = tmp_path / "interrupted"
+    attempts, cut_in = run_interrupted(run_dir, stops, monkeypatch, extra)
+    assert attempts == len(stops) and "child" in cut_in, cut_in
+    assert table(run_dir) == expected
+
+
 # --------------------------------------------------------------------------- subprocesses
 
 TINY = ["--set", "search.initial=5", "--set", "search.population=3", "--set",
         "search.tournament=2", "--set", "search.children=5", "--set", "surrogate.steps=40",
-        "--set", "surrogate.prescreen_steps=20", "--set", "search.seed=3"]
+        "--set", "surrogate.prescreen_steps=20", "--set", "search.seed=3",
+        "--set", "executor.candidates_per_worker=1"]
 
 
 def spawn(*args):
@@ -240,12 +267,15 @@ def test_sigkilled_serial_search_resumes_to_the_uninterrupted_run(tmp_path):
     assert got[2]["phase"] == "done"
 
 
-def test_serial_search_sigkilled_at_random_moments_resumes_to_the_same_run(tmp_path):
+@pytest.mark.parametrize("k", [1, 4])
+def test_serial_search_sigkilled_at_random_moments_resumes_to_the_same_run(tmp_path, k):
     """Kills at arbitrary moments (mid-transaction, mid-training, during start-up), several
-    in a row; the resumed run equals the uninterrupted one row for row."""
+    in a row; the resumed run equals the uninterrupted one row for row, with candidates
+    trained alone (K = 1) and in packs (K = 4: a pack killed mid-run is re-run whole)."""
     import random
 
-    serial = ["--set", "executor.kind=serial", "--set", "search.children=8"]
+    serial = ["--set", "executor.kind=serial", "--set", "search.children=8",
+              "--set", f"executor.candidates_per_worker={k}"]
     base = tmp_path / "base"
     cli_ok("search", "--run-dir", str(base), *TINY, *serial)
     run_dir, rng, kills = tmp_path / "killed", random.Random(2026), []
@@ -266,6 +296,25 @@ def test_serial_search_sigkilled_at_random_moments_resumes_to_the_same_run(tmp_p
     proc.stderr.close()
     assert len(kills) >= 2, kills  # the run was really cut, more than once
     assert table(run_dir) == table(base)
+
+
+def test_sigkilled_serial_pack_search_resumes_to_the_uninterrupted_run(tmp_path):
+    # Real training in packs of 4: killed while a pack trains (evaluations pending in the
+    # evolution phase), resumed, it ends as the run that was never killed.
+    packs = ["--set", "executor.kind=serial", "--set", "executor.candidates_per_worker=4",
+             "--set", "search.children=10"]
+    base = tmp_path / "base"
+    cli_ok("search", "--run-dir", str(base), *TINY, *packs)
+    run_dir = tmp_path / "killed"
+    proc = spawn("search", "--run-dir", str(run_dir), *TINY, *packs)
+    p = kill_when(proc, run_dir, lambda p: p.get("phase") == "evolve" and p["pending"] >= 2)
+    assert p["pending"] >= 2  # a pack was cut mid-run
+    cli_ok("resume", str(run_dir))
+    expected, got = table(base), table(run_dir)
+    assert got == expected and got[2]["phase"] == "done"
+    with RunStore.open(run_dir, readonly=True) as store:
+        ks = {r["result"].get("pack_k") for r in store.candidates() if r.get("result")}
+    assert ks == {4}
 
 
 def test_sigkilled_process_search_accounts_for_every_candidate(tmp_path):

@@ -65,7 +65,17 @@ class FakeEvaluate:
                 "steps": eval_config["steps"], "seconds": 0.0}
 
 
-BASE = ["executor.kind=serial", "search.reference=[]", "surrogate.steps=100"]
+
+def use_fake(mp, fake):
+    """Train nothing: ``fake`` stands in for ``fitness.evaluate`` in the driver, alone and in
+    packs (each item of a pack is one call of ``fake``; results say the width, as real ones)."""
+    mp.setattr(evo, "evaluate", fake)
+    mp.setattr(evo, "evaluate_pack", lambda items, pset, conf, with_test=False, *, width=1: [
+        {**fake(e, pset, conf, seed, sign), "pack_k": width} for e, seed, sign in items])
+
+# One evaluation at a time (K = 1): the scripted sequences below are step by step.
+BASE = ["executor.kind=serial", "search.reference=[]", "surrogate.steps=100",
+        "executor.candidates_per_worker=1"]
 
 
 def make_cfg(*sets) -> Config:
@@ -74,7 +84,7 @@ def make_cfg(*sets) -> Config:
 
 def run_fake(run_dir, cfg, fake, monkeypatch, spy=None):
     """Run a whole search in-process with ``fake`` as the evaluation; returns the open store."""
-    monkeypatch.setattr(evo, "evaluate", fake)
+    use_fake(monkeypatch, fake)
     if spy is not None:
         orig = evo.Evolution._insert
 
@@ -496,7 +506,8 @@ def test_train_text_names_the_dataset_model_and_steps(runner):
                  "--device", "cpu")
     assert res.exit_code == 0, res.output
     first, *rest = res.stdout.splitlines()
-    assert first == "training neg(mul(y, log(p))) (sign +1) on digits / tiny, 30 steps, device cpu"
+    assert first == ('training neg(mul(y, log(p))) (sign +1) on digits / tiny, 30 steps, device cpu, '
+                     'in packs of 8')  # executor.candidates_per_worker's default
     assert rest[0].startswith("seed 0: val_acc ") and rest[-1].startswith("test_acc ")
 
 

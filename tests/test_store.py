@@ -372,6 +372,7 @@ def test_a_version_1_run_resumes_and_ends_as_the_uninterrupted_run(tmp_path, mon
     resumed by this gp-loss: the store is migrated, the pending evaluation re-submitted, and
     the run ends with the same candidates and population as one never interrupted."""
     import gp_loss.search.evolution as evo
+    from test_search import use_fake
     from gp_loss.config import Config, apply_overrides
 
     class Fake:  # deterministic fitness from the expression; Ctrl-C on call ``stop``
@@ -388,10 +389,11 @@ def test_a_version_1_run_resumes_and_ends_as_the_uninterrupted_run(tmp_path, mon
 
     cfg = apply_overrides(Config(), ["executor.kind=serial", "search.initial=4",
                                      "search.population=3", "search.tournament=2",
-                                     "search.children=6", "surrogate.steps=10"])
+                                     "search.children=6", "surrogate.steps=10",
+                                     "executor.candidates_per_worker=1"])  # before packs
 
     def run(run_dir, fake):
-        monkeypatch.setattr(evo, "evaluate", fake)
+        use_fake(monkeypatch, fake)
         with RunStore.open(run_dir) as s:
             return evo.Evolution(s, cfg).run()["stop_reason"]
 

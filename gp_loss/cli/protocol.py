@@ -106,6 +106,7 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
     from ..protocol import eliminate as E
     from ..config import load_config
     from ..execution import make_executor
+    from ..execution.packing import pack_timeout
     from ..lang.psets import load_pset
 
     overrides = (data_overrides(data_root, download) + list(sets)
@@ -143,12 +144,13 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
                  f" lr {lr:g}" if lr is not None else "", seed, fmt(res.get("test_acc")),
                  res.get("seconds") or 0.0,
                  "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
+    width = cfg.executor.candidates_per_worker
     executor = (make_executor("process", workers, cfg.executor.threads,
                               retries=cfg.executor.retries,
-                              timeout_s=cfg.surrogate.timeout_s) if workers > 1
-                else make_executor("serial", 1, cfg.executor.threads))
+                              timeout_s=pack_timeout(cfg.surrogate.timeout_s, width))
+                if workers > 1 else make_executor("serial", 1, cfg.executor.threads))
     with executor:
-        res = C.compare(losses, cells, seed_list, lrs, executor, on_done=progress)
+        res = C.compare(losses, cells, seed_list, lrs, executor, on_done=progress, width=width)
     if markdown:
         Path(markdown).write_text(C.markdown_table(res), encoding="utf-8")
     click.echo(json.dumps(res, indent=2) if as_json else format_compare(res))
@@ -229,6 +231,7 @@ def eliminate(run_dir, config, sets, device, as_json):
     from ..protocol import eliminate as E
     from ..config import apply_overrides, config_from_dict
     from ..execution import make_executor
+    from ..execution.packing import pack_timeout
     from ..runs.store import RunStore
 
     store = RunStore.open(run_dir)
@@ -255,8 +258,10 @@ def eliminate(run_dir, config, sets, device, as_json):
         try:
             with make_executor(e.kind, e.workers, e.threads, retries=e.retries,
                                address=e.address, gpus_per_eval=e.gpus_per_eval,
-                               timeout_s=cfg.surrogate.timeout_s) as executor:
-                res = E.eliminate(store, rounds, surrogate, executor, on_done=progress)
+                               timeout_s=pack_timeout(cfg.surrogate.timeout_s,
+                                                      e.candidates_per_worker)) as executor:
+                res = E.eliminate(store, rounds, surrogate, executor, on_done=progress,
+                                  width=e.candidates_per_worker)
         except KeyboardInterrupt:
             click.echo(f"interrupted; continue with: gp-loss eliminate {run_dir} (same "
                        f"--config/--set)", err=True)

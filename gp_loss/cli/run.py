@@ -22,6 +22,8 @@ log = logging.getLogger("gp_loss")
 
 # Settings a resumed run may change: how it runs, not what it computes.
 RESUMABLE_KEYS = ("search.children", "search.max_minutes", "executor.", "surrogate.device")
+# ... except these, which change the numbers (a pack's width is an evaluation setting).
+NOT_RESUMABLE = ("executor.candidates_per_worker",)
 
 
 def _set_threads(threads: int) -> None:
@@ -152,7 +154,8 @@ def resume(run_dir, sets, device, top):
 
     Evaluations that were in flight are run again; nothing completed is lost or repeated.
     Only how the run executes may change: --set search.children=N (to extend it),
-    search.max_minutes, executor.* and surrogate.device.
+    search.max_minutes, executor.* (not executor.candidates_per_worker: the pack width
+    changes the numbers) and surrogate.device.
 
     \b
     Examples:
@@ -169,9 +172,11 @@ def resume(run_dir, sets, device, top):
         overrides = list(sets) + ([f"surrogate.device={device}"] if device else [])
         for item in overrides:
             key = item.split("=", 1)[0].strip()
-            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            if key in NOT_RESUMABLE or not any(
+                    key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
                 raise UserError(f"--set {key}: a resumed run keeps its config; only "
-                                f"{', '.join(RESUMABLE_KEYS)} may change")
+                                f"{', '.join(RESUMABLE_KEYS)} may change (not "
+                                f"{', '.join(NOT_RESUMABLE)}: it changes the results)")
         if overrides:
             cfg = apply_overrides(cfg, overrides)
             with store.transaction():
@@ -262,6 +267,16 @@ def plot(run_dir, out_dir, top, dpi):
         click.echo(str(path))
 
 
+def _train_line(runs: list, seed: int, res: dict, as_json: bool) -> None:
+    runs.append({"seed": seed, "val_acc": res.get("val_acc"), "test_acc": res.get("test_acc"),
+                 "seconds": res.get("seconds"), "status": res.get("status"),
+                 "reason": res.get("reason"), "pack_k": res.get("pack_k", 1)})
+    if not as_json:
+        click.echo(f"seed {seed}: val_acc {fmt(res.get('val_acc'))}  test_acc "
+                   f"{fmt(res.get('test_acc'))}  ({res.get('seconds', 0):.1f}s)"
+                   + (f"  FAILED: {res.get('reason')}" if res.get("status") != "ok" else ""))
+
+
 @cli.command()
 @click.option("--loss", "loss", required=True, metavar="EXPR|ZOO_NAME",
               help="The loss to train with, e.g. ce or 'sub(div(y, p), log(p))'.")
@@ -273,7 +288,7 @@ def plot(run_dir, out_dir, top, dpi):
 @device_option()
 @data_options
 @pset_option()
-@json_option("runs (seed, val_acc, test_acc, seconds), test_acc_mean, test_acc_std")
+@json_option("runs (seed, val_acc, test_acc, seconds, pack_k), test_acc_mean, test_acc_std")
 def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_root, download,
           pset, as_json):
     """Train the surrogate with one loss over several seeds; report test accuracy.
@@ -289,7 +304,8 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
       gp-loss train --loss ce --seeds 3 --json
     """
     from ..config import load_config
-    from ..surrogate.fitness import evaluate
+    from ..surrogate.fitness import evaluate, evaluate_pack
+    from ..surrogate.packtrain import effective_width
     from ..lang.psets import load_pset
     from ..screen.integrity import integrity
     from ..lang.trees import parse, to_text
@@ -311,20 +327,25 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     preflight(surrogate)
     _set_threads(cfg.executor.threads)
     text = to_text(tree, ps)
+    # The seeds train in packs of executor.candidates_per_worker, as the search trains its
+    # candidates: a seed's numbers are then the ones the search (same K) got.
+    width = effective_width(cfg.surrogate.model, cfg.executor.candidates_per_worker)
     if not as_json:
         click.echo(f"training {text} (sign {sign:+d}) on {cfg.surrogate.dataset} / "
                    f"{cfg.surrogate.model}, {cfg.surrogate.steps} steps, device "
-                   f"{surrogate['device']}")
+                   f"{surrogate['device']}" + (f", in packs of {width}" if width > 1 else ""))
     runs = []
-    for seed in range(first_seed, first_seed + seeds):
-        res = evaluate(text, ps.source, surrogate, seed=seed, sign=sign, with_test=True)
-        runs.append({"seed": seed, "val_acc": res.get("val_acc"), "test_acc": res.get("test_acc"),
-                     "seconds": res.get("seconds"), "status": res.get("status"),
-                     "reason": res.get("reason")})
-        if not as_json:
-            click.echo(f"seed {seed}: val_acc {fmt(res.get('val_acc'))}  test_acc "
-                       f"{fmt(res.get('test_acc'))}  ({res.get('seconds', 0):.1f}s)"
-                       + (f"  FAILED: {res.get('reason')}" if res.get("status") != "ok" else ""))
+    all_seeds = list(range(first_seed, first_seed + seeds))
+    for start in range(0, len(all_seeds), width):
+        chunk = all_seeds[start:start + width]
+        if width > 1:
+            results = evaluate_pack([(text, s, sign) for s in chunk], ps.source, surrogate,
+                                    True, width=width)
+        else:
+            results = [evaluate(text, ps.source, surrogate, seed=s, sign=sign, with_test=True)
+                       for s in chunk]
+        for seed, res in zip(chunk, results):
+            _train_line(runs, seed, res, as_json)
     tests = [r["test_acc"] for r in runs if r["test_acc"] is not None]
     mean = statistics.fmean(tests) if tests else None
     std = statistics.stdev(tests) if len(tests) > 1 else (0.0 if tests else None)

@@ -185,7 +185,13 @@ class ExecutorConfig:
     threads: int = 1  # torch threads per evaluation; 0 = torch's default
     retries: int = 0  # re-runs of an evaluation whose worker died (process, ray) before failing it
     address: str = ""  # ray: "" = start a local cluster, "auto" = the running one, or host:port
-    gpus_per_eval: float = 0.0  # ray: GPUs one evaluation reserves (0.5: two share a card)
+    gpus_per_eval: float = 0.0  # ray: GPUs one pack reserves (0.5: two share a card)
+    # Candidates one worker trains at once as one grouped network (surrogate/packtrain.py):
+    # workers x K evaluations are in flight. K is an evaluation setting (results at K > 1 differ
+    # from K = 1 in the last bits, so the fitness cache keys on it). 8: the best K measured for
+    # the CPU default (digits, tiny, 1 thread: analysis/bench_population.py, BENCHMARKS.md P14).
+    # Models the pack cannot serve train at 1.
+    candidates_per_worker: int = 8
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -195,6 +201,8 @@ class ExecutorConfig:
         check(self.kind in EXECUTOR_KINDS, f"{s}.kind",
               f"must be one of {', '.join(EXECUTOR_KINDS)}, got {self.kind!r}")
         check(self.workers >= 1, f"{s}.workers", "must be >= 1")
+        check(1 <= self.candidates_per_worker <= 64, f"{s}.candidates_per_worker",
+              "must be between 1 and 64 (1 = each candidate trains alone)")
         check(self.threads >= 0, f"{s}.threads", "must be >= 0 (0 = torch's default)")
 
 

@@ -34,7 +34,7 @@ from .jobs import run_jobs
 log = logging.getLogger("gp_loss")
 
 BASELINE = "ce"
-RUN_FIELDS = ("seed", "val_acc", "test_acc", "seconds", "status", "reason")
+RUN_FIELDS = ("seed", "val_acc", "test_acc", "seconds", "status", "reason", "pack_k")
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -216,8 +216,9 @@ def _preflight(sur: dict) -> None:
 
 def compare(losses: Sequence[Loss], cells: Sequence[Cell], seeds: Sequence[int],
             lrs: Sequence[float] = (), executor=None, evaluate_fn: Callable | None = None,
-            on_done=None) -> dict:
-    """Train every loss in every cell for every seed (and lr); the ``compare --json`` object."""
+            on_done=None, width: int = 1) -> dict:
+    """Train every loss in every cell for every seed (and lr); the ``compare --json`` object.
+    ``width``: candidates per pack (``executor.candidates_per_worker``; ``run_jobs``)."""
     from ..execution import make_executor
     from ..surrogate.fitness import evaluate
 
@@ -238,7 +239,8 @@ def compare(losses: Sequence[Loss], cells: Sequence[Cell], seeds: Sequence[int],
     executor = executor or make_executor("serial")
     try:
         results = run_jobs(jobs, executor, evaluate_fn,
-                           on_done and (lambda i, r: on_done(i, len(jobs), keys[i], r)))
+                           on_done and (lambda i, r: on_done(i, len(jobs), keys[i], r)),
+                           width=width)
     finally:
         if own:
             executor.shutdown()

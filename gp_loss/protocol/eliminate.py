@@ -114,8 +114,9 @@ def _pos_int(x) -> bool:
 
 
 def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
-              evaluate_fn: Callable | None = None, on_done=None) -> dict:
-    """Run (or resume, or just report) the elimination rounds on a writable run store."""
+              evaluate_fn: Callable | None = None, on_done=None, width: int = 1) -> dict:
+    """Run (or resume, or just report) the elimination rounds on a writable run store.
+    ``width``: candidates per pack (``executor.candidates_per_worker``; ``run_jobs``)."""
     import json
 
     from ..execution import make_executor
@@ -127,7 +128,8 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
     # What the results depend on; the device and the executor may change between attempts.
     plan = json.loads(json.dumps({"rounds": [_plain(r) for r in rounds],
                                   "surrogate": {k: v for k, v in surrogate.items()
-                                                if k != "device"}}, sort_keys=True))
+                                                if k != "device"},
+                                  **({"pack": width} if width > 1 else {})}, sort_keys=True))
     saved = store.meta().get("eliminate")
     if saved is None:
         entrants = [r["id"] for r in store.top(rounds[0].size)]
@@ -172,7 +174,7 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
                                        result={k: v for k, v in res.items() if k != "expr"})
                 if on_done:
                     on_done(rnd, todo[i], res)
-            run_jobs(jobs, executor, evaluate_fn, record)
+            run_jobs(jobs, executor, evaluate_fn, record, width=width)
             trained += len(jobs)
             go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(entrants)
             table = score_round(store, rnd, entrants, sources, prev, go_on)

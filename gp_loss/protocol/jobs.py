@@ -19,17 +19,37 @@ from typing import Callable
 from ..errors import describe
 
 
-def run_jobs(jobs: list[tuple], executor, evaluate_fn: Callable, on_done=None) -> list[dict]:
+def run_jobs(jobs: list[tuple], executor, evaluate_fn: Callable, on_done=None,
+             width: int = 1) -> list[dict]:
     """Run ``evaluate_fn(*job)`` for every job, ``executor.capacity`` in flight; results in job
-    order. An exception carried by a future becomes a failed result."""
-    from ..execution import wait_first
+    order. An exception carried by a future becomes a failed result.
 
+    ``width`` > 1 (``executor.candidates_per_worker``) with ``fitness.evaluate`` itself: jobs
+    whose model can be packed train ``width`` at a time (``fitness.evaluate_pack`` through an
+    ``execution.packing.Packer``), the others alone; a job is ``evaluate``'s arguments
+    ``(expr, pset, surrogate, seed, sign, with_test)``."""
+    from ..execution import wait_first
+    from ..execution.packing import Packer
+    from ..surrogate.fitness import evaluate, evaluate_pack
+    from ..surrogate.packtrain import effective_width
+
+    packer = None
+    if width > 1 and evaluate_fn is evaluate:
+        packer = Packer(executor, width, evaluate_pack)
+    capacity = max(1, getattr(packer or executor, "capacity", 1))
     results: list = [None] * len(jobs)
     inflight, queue = {}, list(range(len(jobs)))
     while queue or inflight:
-        while queue and len(inflight) < max(1, getattr(executor, "capacity", 1)):
+        while queue and len(inflight) < capacity:
             i = queue.pop(0)
-            inflight[executor.submit(evaluate_fn, *jobs[i])] = i
+            expr, pset, sur, seed, sign, with_test = (jobs[i] + (False,))[:6] \
+                if packer else (None,) * 6
+            if packer and effective_width(sur["model"], width) > 1:
+                inflight[packer.submit((pset, sur, with_test), (expr, seed, sign))] = i
+            else:
+                inflight[executor.submit(evaluate_fn, *jobs[i])] = i
+        if packer:
+            packer.flush()
         done, _ = wait_first(inflight)
         for fut in done:
             i = inflight.pop(fut)

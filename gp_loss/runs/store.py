@@ -238,8 +238,14 @@ class RunStore:
         return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
 
     def config(self) -> dict:
-        """The resolved config recorded at creation (feed it to config.config_from_dict)."""
-        return self.meta()["config"]
+        """The resolved config recorded at creation (feed it to config.config_from_dict). A
+        run stored before packs existed trained every candidate alone: its config reads
+        ``executor.candidates_per_worker = 1``, so it resumes and re-tests as it ran."""
+        cfg = self.meta()["config"]
+        executor = cfg.get("executor")
+        if isinstance(executor, dict) and "candidates_per_worker" not in executor:
+            cfg = {**cfg, "executor": {**executor, "candidates_per_worker": 1}}
+        return cfg
 
     def set_meta(self, key: str, value: Any) -> None:
         """Set one meta entry (JSON-encodable value)."""

@@ -6,7 +6,8 @@ SQLite file (WAL; several drivers may use it at once) maps a digest of
 
     canonical key + sign, the surrogate config (all keys that change training; a model's old
     name counts as its current one), the seed, the device type and compute dtype, the torch
-    thread count, the primitive set's source, and the torch / gp-loss versions
+    thread count, the pack width K (when above 1), the primitive set's source, and the
+    torch / gp-loss versions
 
 to the result the evaluation returned. Only the driver reads and writes it (workers never see
 it), right before submitting and right after a result arrives. Only results that are a property
@@ -47,8 +48,12 @@ def default_path() -> str:
     return env or str(Path.home() / ".cache" / "gp-loss" / "fitness-cache.sqlite")
 
 
-def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) -> str:
-    """The part of the key shared by every candidate of a run (computed once per config)."""
+def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str,
+                    pack: int = 1) -> str:
+    """The part of the key shared by every candidate of a run (computed once per config).
+    ``pack``: the width candidates train at (``executor.candidates_per_worker`` where the
+    model can be packed); K > 1 computes in other kernels than K = 1, so it is a setting
+    (K = 1 keeps the digest it had before packs existed)."""
     import torch
 
     from ..surrogate.data import resolve_device
@@ -65,6 +70,8 @@ def settings_digest(surrogate: dict, seed: int, threads: int, pset_source: str) 
             "threads": threads if dev == "cpu" else None,
             "pset": _content_digest(pset_source),
             "torch": torch.__version__, "gp_loss": package_version("gp-loss"), "v": CACHE_VERSION}
+    if pack > 1:
+        blob["pack"] = pack
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 

@@ -45,12 +45,14 @@ from dataclasses import asdict
 
 from ..config import Config, config_to_dict
 from ..execution import make_executor, wait_first
+from ..execution.packing import Packer, pack_timeout
 from ..lang.psets import load_pset
 from ..lang.trees import to_text
 from ..lang.variation import mutate
 from ..runs.ranking import tie_value
 from ..screen import novelty
-from ..surrogate.fitness import evaluate
+from ..surrogate.fitness import evaluate, evaluate_pack
+from ..surrogate.packtrain import effective_width, fallback_warned
 from .cache import FitnessCache, default_path, settings_digest
 from .population import Population
 from .proposals import Attempts, Verdict, vet
@@ -83,6 +85,11 @@ class Evolution(StartPhases):
         self.past_rows: dict[int, dict] = {}
         self.stop_reason = None
         self.best = None                     # (fitness, expression text), best so far
+        # Candidates per pack (surrogate/packtrain.py); 1 for a model the pack cannot serve.
+        self.width = effective_width(cfg.surrogate.model, cfg.executor.candidates_per_worker)
+        if self.width < cfg.executor.candidates_per_worker and cfg.executor.candidates_per_worker > 1:
+            fallback_warned(cfg.surrogate.model)
+        self.packer = None
 
     # ------------------------------------------------------------------ bookkeeping helpers
     def _rng(self, *parts) -> random.Random:
@@ -220,10 +227,12 @@ class Evolution(StartPhases):
         if hit is not None:  # trained before under the same settings: no training now
             fut = concurrent.futures.Future()
             fut.set_result(hit)
+        elif self.packer is not None:  # trained in a pack of K with others of this config
+            fut = self.packer.submit((self.pset.source, conf), (text, seed, sign))
         else:
             fut = self.executor.submit(evaluate, text, self.pset.source, conf, seed, sign)
         self.inflight[fut] = (cid, cand)
-        self.cache_keys[fut] = (key, sign, settings)
+        self.cache_keys[fut] = (key, sign, settings, self._width(conf))
 
     def _settings(self, conf: dict, seed: int) -> str | None:
         """The cache digest of an evaluation config and seed (None when the cache is off)."""
@@ -232,12 +241,16 @@ class Evolution(StartPhases):
         name = ("seeding" if conf is self.seed_eval_config else "main", seed)
         if name not in self.digests:
             self.digests[name] = settings_digest(conf, seed, self.cfg.executor.threads,
-                                                 self.pset.source)
+                                                 self.pset.source, pack=self._width(conf))
         return self.digests[name]
+
+    def _width(self, conf: dict) -> int:
+        """The pack width the candidates of ``conf`` train at (1: alone)."""
+        return effective_width(conf["model"], self.width)
 
     def _complete(self, fut):
         cid, cand = self.inflight.pop(fut)
-        key, sign, settings = self.cache_keys.pop(fut)
+        key, sign, settings, width = self.cache_keys.pop(fut)
         t0 = time.perf_counter()
         try:
             res = fut.result()
@@ -272,18 +285,31 @@ class Evolution(StartPhases):
                                         engine_seconds=engine)
             if cand is not None and cand.phase == "reeval":
                 self._reeval_done(cand.parent)
-        if settings and not cached:  # after the commit: a kill never makes a
-            # resumed run find its own pending result in the cache
-            self.cache.put(key, sign, settings, res, f"{self.store.run_dir}#{cid}")
+        put = None
+        if settings and not cached and res.get("pack_k", 1) == width:  # after the commit
+            # (the caller's): a kill never makes a resumed run find its own pending result in
+            # the cache; a pack retried alone (pack_k 1) did not run under the key's settings
+            put = (key, sign, settings, res, f"{self.store.run_dir}#{cid}")
         if self.progress is not None and (cand is None or cand.phase != "reeval"):
             self.progress.advance()  # re-evaluations are extra: not in the bar's total
         log.debug("#%d %s %s", cid, res.get("status"), fitness)
+        return put
 
     # ------------------------------------------------------------------ the loop
     def _fill(self):
+        """Propose and submit until ``executor.workers`` x K evaluations are in flight, then
+        send the packs collected (a part-filled one too: the loop is about to wait)."""
+        try:
+            self._propose()
+        finally:
+            if self.packer is not None:
+                self.packer.flush()
+
+    def _propose(self):
         s, ex = self.cfg.search, self.cfg.executor
         workers = 1 if ex.kind == "serial" else max(1, ex.workers)
-        while len(self.inflight) < workers and self.stop_reason is None:
+        capacity = workers if self.packer is None else self.packer.capacity
+        while len(self.inflight) < capacity and self.stop_reason is None:
             if self._out_of_time():
                 self.stop_reason = "max_minutes"
             elif self.queue:
@@ -312,7 +338,11 @@ class Evolution(StartPhases):
         self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads,
                                       retries=ex_cfg.retries, address=ex_cfg.address,
                                       gpus_per_eval=ex_cfg.gpus_per_eval,
-                                      timeout_s=self.cfg.surrogate.timeout_s)
+                                      timeout_s=pack_timeout(self.cfg.surrogate.timeout_s,
+                                                             self.width))
+        if self.width > 1:
+            self.executor = Packer(self.executor, self.width, evaluate_pack)
+            self.packer = self.executor
         path = self.cfg.search.fitness_cache or default_path()
         self.cache, self.digests = FitnessCache(path), {}
         try:
@@ -320,8 +350,15 @@ class Evolution(StartPhases):
                 self._fill()
                 if self.inflight:
                     done, _ = wait_first(list(self.inflight))
-                    for fut in sorted(done, key=lambda f: self.inflight[f][0]):
-                        self._complete(fut)
+                    # One transaction for what arrived together (in a serial run: a whole
+                    # pack), so a kill never leaves part of a pack applied: a resumed run
+                    # then applies all of it before it proposes again, as this one does.
+                    with self.store.transaction():
+                        puts = [self._complete(fut)
+                                for fut in sorted(done, key=lambda f: self.inflight[f][0])]
+                    for put in puts:
+                        if put is not None:
+                            self.cache.put(*put)
                     continue
                 if self.stop_reason:
                     break

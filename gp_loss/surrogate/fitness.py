@@ -44,6 +44,51 @@ def evaluate(expr: str, pset_name: str, eval_config: dict, seed: int = 0, sign: 
     return result
 
 
+def evaluate_pack(items: list, pset_name: str, eval_config: dict, with_test: bool = False, *,
+                  width: int = 1) -> list[dict]:
+    """Train the candidates ``items`` (``(expr, seed, sign)`` each) ``width`` at a time in one
+    pack (``packtrain.train_pack``); one result per item, in order, as ``evaluate`` returns it
+    plus ``pack_k`` (the width it ran at). An expression that does not parse or compile fails
+    alone; an error of the pack as a whole fails every candidate still in it."""
+    t0 = time.perf_counter()
+    results: list = [None] * len(items)
+    fns, seeds, where = [], [], []
+    from .train import error_reason
+
+    for n, (expr, seed, sign) in enumerate(items):
+        try:
+            from ..lang.codegen import compile_loss
+            from ..lang.trees import parse
+
+            tree = parse(expr, pset_name, max_height=1000, max_size=10_000)
+            fns.append(compile_loss(tree, pset_name, sign)[0])
+            seeds.append(seed)
+            where.append(n)
+        except Exception as exc:
+            results[n] = _failed(error_reason(exc), t0)
+    if fns:
+        try:
+            from .packtrain import train_pack
+
+            device = eval_config.get("device", "auto")
+            trained = train_pack(fns, eval_config, seeds, width=width, device=device,
+                                 with_test=with_test)
+        except Exception as exc:  # the pack failed as a whole: each of its candidates fails
+            trained = [_failed(error_reason(exc), t0)] * len(fns)
+        for n, res in zip(where, trained):
+            results[n] = dict(res)
+    for n, (expr, _, _) in enumerate(items):
+        results[n].setdefault("pack_k", width)
+        results[n]["expr"] = expr
+    return results
+
+
+def _failed(reason: str, t0: float) -> dict:
+    return {"status": "failed", "reason": reason, "fitness": 0.0, "val_acc": None,
+            "test_acc": None, "train_acc": None, "steps": 0,
+            "seconds": time.perf_counter() - t0, "device": None}
+
+
 def preflight(surrogate: dict) -> None:
     """Load the data and build the model once in the driver, before any training.
 

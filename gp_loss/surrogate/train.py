@@ -319,11 +319,16 @@ class _Run:
         self.step = 0
         model.train()
 
-    def train_step(self):
-        """The next batch, forward, loss, backward and Adam step; a failing loss's reason."""
+    def next_batch(self):
+        """The next training batch (x, y); sets this step's learning rate and counts it."""
         xb, yb = self.batches.next(self.stages.size, self.stages.magnitude)
         self.group["lr"] = self.lrs[self.step]
         self.step += 1
+        return xb, yb
+
+    def train_step(self):
+        """The next batch, forward, loss, backward and Adam step; a failing loss's reason."""
+        xb, yb = self.next_batch()
         logits = _logits(self.model, xb, self.fast)
         self.opt.zero_grad(set_to_none=True)
         try:
