@@ -60,15 +60,21 @@ def view(res):
 
 # ----------------------------------------------------------------------------- the network
 
-@pytest.mark.parametrize("model, size", [("tiny", 8), ("mlp", 8), ("tiny", 12)])
-def test_the_pack_computes_what_each_model_computes(model, size):
+@pytest.mark.parametrize("model, size, c", [("tiny", 8, 1), ("mlp", 8, 1), ("tiny", 12, 1),
+                                             ("resnet9v2", 8, 1), ("resnet9v2", 10, 3)])
+def test_the_pack_computes_what_each_model_computes(model, size, c):
+    # in training mode, ResNet9V2's dropout included: slot k draws from its own generator
+    # what the plain model draws from the global RNG in the same state
     nets = []
     for s in range(3):
         torch.manual_seed(s)
-        nets.append(build_model(model, 1, 10, size))
+        nets.append(build_model(model, c, 10, size))
     torch.manual_seed(9)
-    x, y = torch.randn(3, 16, 1, size, size), torch.randint(0, 10, (3, 16))
-    plain = [n(x[k]) for k, n in enumerate(nets)]
+    x, y = torch.randn(3, 16, c, size, size), torch.randint(0, 10, (3, 16))
+    plain = []
+    for k, n in enumerate(nets):
+        torch.manual_seed(100 + k)
+        plain.append(n(x[k]))
     grads_plain = []
     for k, n in enumerate(nets):
         n.zero_grad()
@@ -78,9 +84,9 @@ def test_the_pack_computes_what_each_model_computes(model, size):
     copies = []
     for s in range(3):
         torch.manual_seed(s)
-        copies.append(build_model(model, 1, 10, size))
+        copies.append(build_model(model, c, 10, size))
     pack = Pack(copies)
-    out = pack(x)
+    out = pack(x, [torch.Generator().manual_seed(100 + k) for k in range(3)])
     assert out.shape == (3, 16, 10)
     for k in range(3):
         assert torch.allclose(out[k], plain[k], atol=1e-5)
@@ -136,6 +142,17 @@ def test_a_result_does_not_depend_on_its_neighbours_its_slot_or_a_refill():
     assert all(r["pack_k"] == 4 for r in a + b + c)
 
 
+def test_the_paper_surrogate_packs_with_its_dropout_per_slot():
+    # ResNet9V2 draws dropout masks: each slot from its own stream, so a result is still the
+    # same in any pack and slot, and a refill after a failure starts its own stream
+    cfg = {**SHORT, "model": "resnet9v2", "steps": 24, "prescreen_steps": 12}
+    a = train_pack([nan_loss, ce, mse], cfg, [0, 0, 1], width=2, with_test=True)
+    b = train_pack([mse, ce], cfg, [1, 0], width=2, with_test=True)
+    assert view(a[1]) == view(b[1]) and view(a[2]) == view(b[0])
+    assert a[0]["reason"] == "nan_loss" and all(r["pack_k"] == 2 for r in a + b)
+    assert a[1]["status"] == "ok" and a[1]["steps"] == 24
+
+
 def test_k_is_a_setting_and_close_to_training_alone():
     alone = train_pack([ce, mse], SHORT, [0, 0], width=1)
     packed = train_pack([ce, mse], SHORT, [0, 0], width=4)
@@ -170,10 +187,10 @@ def test_a_pack_past_its_time_limit_retries_its_candidates_alone():
 def test_out_of_memory_in_a_pack_halves_the_width(monkeypatch):
     real = Pack.forward
 
-    def small_only(self, x):
+    def small_only(self, x, generators=None):
         if self.k > 2:
             raise torch.OutOfMemoryError("fake: the pack does not fit")
-        return real(self, x)
+        return real(self, x, generators)
     monkeypatch.setattr(Pack, "forward", small_only)
     monkeypatch.setattr(Pack, "__call__", small_only)
     got = train_pack([ce, mse, ce], SHORT, [0, 0, 1], width=8)

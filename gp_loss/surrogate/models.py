@@ -95,7 +95,9 @@ class _SameConv(nn.Conv2d):
     def __init__(self, cin: int, cout: int, k: int, stride: int = 1):
         super().__init__(cin, cout, k, stride=stride, padding=k // 2 if stride == 1 else 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def same_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded as TensorFlow pads a strided 'same' conv (stride 1: unchanged, the
+        conv's own padding does it). The pack (``pack.py``) pads its grouped input with it."""
         s, k = self.stride[0], self.kernel_size[0]
         if s > 1:
             pads = []
@@ -104,7 +106,10 @@ class _SameConv(nn.Conv2d):
                 pads += [total // 2, total - total // 2]
             if any(pads):
                 x = F.pad(x, pads)
-        return super().forward(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.same_pad(x))
 
 
 class _PreActBlock(nn.Module):

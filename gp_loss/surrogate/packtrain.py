@@ -150,7 +150,9 @@ class _PackRun:
         # per slot: None (empty) or [index, _Run, cohort]; the slot's own cfg has no time limit
         self.slot_cfg = {**cfg, "timeout_s": 0.0}
         self.slots: list = [None] * width
-        self.pack = Pack([self._net(0) for _ in range(width)])  # placeholders until filled
+        placeholders = [self._net(0) for _ in range(width)]  # until the slots are filled
+        self.pack = Pack([net for net, _ in placeholders])
+        self.gens = [gen for _, gen in placeholders]  # per slot: its dropout stream
         self.fast = None
         if dev.type == "cuda":
             self.fast = {"amp": cfg["amp"] == "bf16" or (cfg["amp"] == "auto"
@@ -161,21 +163,26 @@ class _PackRun:
         self.pstep = 0  # pack steps so far: a cohort is (seed, the pack step it started at)
         self.cohorts: dict = {}
 
-    def _net(self, seed: int) -> torch.nn.Module:
-        """A fresh network from ``seed``, as ``train._seeded_run`` builds it (same weights)."""
+    def _net(self, seed: int):
+        """A fresh network from ``seed``, as ``train._seeded_run`` builds it (same weights),
+        and the slot's dropout generator: the global RNG's state right after the build, the
+        stream a candidate trained alone draws its dropout masks from."""
         fork_devices = [self.dev.index or 0] if self.dev.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             net = build_model(self.cfg["model"], self.splits.in_channels,
                               self.splits.num_classes, self.size).to(self.dev)
+            gen = torch.Generator(self.dev)
+            gen.set_state(torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda"
+                          else torch.get_rng_state())
         if self.dev.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
-        return net
+        return net, gen
 
     def _start(self, k: int) -> None:
         i = self.queue.pop(0)
         seed = self.seeds[i]
-        net = self._net(seed)
+        net, self.gens[k] = self._net(seed)
         run = _Run(net, self.loss_fns[i], self.splits, self.slot_cfg, seed, self.dev,
                    self.with_test, time.perf_counter())
         cohort = (seed, self.pstep)
@@ -273,7 +280,7 @@ class _PackRun:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is None:
-            return self.pack(x)
+            return self.pack(x, self.gens)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.fast["amp"]):
-            out = self.pack(x)
+            out = self.pack(x, self.gens)
         return out.float()
