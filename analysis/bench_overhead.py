@@ -28,7 +28,10 @@ over-weights the initial phase, where ~95% of random trees are rejected), ``driv
 train on, less sensitive than wall-clock figures to other jobs on a shared machine), and the
 raw counts.
 
-The last line printed is one JSON object.
+``--ks 1 8`` runs one search per K (``executor.candidates_per_worker``) in that order, the
+whole comparison in one run; by default K = 1 and then the config's own K. The last line
+printed is one JSON object: the figures of the config's K (or the last one) and ``by_k``, the
+main figures of each.
 """
 from __future__ import annotations
 
@@ -64,14 +67,34 @@ def main(argv=None) -> dict:
                     help="keep the run store here (default: a temporary directory)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="further config overrides, applied last")
+    ap.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
+                    help="executor.candidates_per_worker values, one search each in this "
+                         "order (default: 1, then the config's own K if it is not 1)")
     args = ap.parse_args(argv)
 
     overrides = [f"search.children={args.children}"]
     if args.initial is not None:
         overrides.append(f"search.initial={args.initial}")
-    cfg = load_config(args.config, overrides + args.sets)
+    own = load_config(args.config, overrides + args.sets).executor.candidates_per_worker
+    ks = args.ks or sorted({1, own})
+    by_k = {}
+    for k in ks:
+        by_k[k] = measure(args, overrides + args.sets
+                          + [f"executor.candidates_per_worker={k}"])
+    out = {**by_k[own if own in by_k else ks[-1]],
+           "by_k": {str(k): {f: v[f] for f in ("engine_share", "engine_share_child_phase",
+                                                "driver_cpu_share", "wall_seconds",
+                                                "engine_seconds", "evaluations", "proposals")}
+                    for k, v in by_k.items()}}
+    print(json.dumps(out))
+    return out
+
+
+def measure(args, sets) -> dict:
+    """One search with the config + ``sets``; prints its figures, returns them."""
+    cfg = load_config(args.config, sets)
     s, ex = cfg.search, cfg.executor
-    print(f"config: {args.config or 'quick'} + {overrides + args.sets}")
+    print(f"config: {args.config or 'quick'} + {sets}")
     print(f"  {s.initial} initial + {s.children} children, population {s.population}, "
           f"{cfg.surrogate.steps} steps ({cfg.surrogate.dataset}/{cfg.surrogate.model}), "
           f"executor {ex.kind} x{ex.workers}; load average {_loadavg()}")
@@ -166,13 +189,13 @@ def main(argv=None) -> dict:
         "counts": dict(status),
         "failed_reasons": dict(failed_reasons),
         "initial": s.initial, "children": s.children, "population": s.population,
-        "executor": f"{ex.kind}x{ex.workers}",
+        "executor": f"{ex.kind}x{ex.workers}", "candidates_per_worker": ex.candidates_per_worker,
         "stop_reason": result["stop_reason"],
         "loadavg": _loadavg(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "python": platform.python_version(),
     }
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
     return out
 
 

@@ -62,13 +62,11 @@ cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" - "$DATA_ROOT" "$STEPS" "$DEVICE" "$COMPILE" "$IMAGES" "${SYNTH:+synthetic}" <<'PY'
 import json
-import pickle
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 root, steps, device, compile_, images = sys.argv[1], int(sys.argv[2]), sys.argv[3], \
@@ -76,37 +74,12 @@ root, steps, device, compile_, images = sys.argv[1], int(sys.argv[2]), sys.argv[
 synthetic = len(sys.argv) > 6 and sys.argv[6] == "synthetic"
 
 
-def write_synthetic_cifar10(root: Path, n_train: int, n_test: int) -> None:
-    """CIFAR-10 in torchvision's layout: 5 pickled training batches, a test batch, the meta."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    templates = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
-
-    def batch(n: int) -> dict:
-        labels = rng.integers(0, 10, n)
-        noise = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        data = (templates[labels].astype(np.uint16) + noise) // 2  # learnable: half pattern
-        return {"data": data.astype(np.uint8), "labels": labels.tolist()}
-
-    per = n_train // 5
-    for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(per), f)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump(batch(n_test), f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-
-
 if synthetic:
-    import torchvision.datasets.cifar as tv_cifar
+    from analysis import synth_cifar
 
     t = time.perf_counter()
-    write_synthetic_cifar10(Path(root), images, max(images // 5, 10))
-    # Our files cannot match torchvision's MD5 sums; everything else is torchvision's own reader.
-    tv_cifar.CIFAR10._check_integrity = lambda self: True
-    tv_cifar.check_integrity = lambda *args, **kwargs: True  # used for batches.meta
+    synth_cifar.write(Path(root), images, max(images // 5, 10))
+    synth_cifar.trust_files()
     print(f"== synthetic CIFAR-10 ({images} train images) written to {root} in "
           f"{time.perf_counter() - t:.1f}s")
 

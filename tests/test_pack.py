@@ -91,9 +91,12 @@ def test_the_pack_computes_what_each_model_computes(model, size, c):
     for k in range(3):
         assert torch.allclose(out[k], plain[k], atol=1e-5)
     sum(ce(out[k], y[k]) for k in range(3)).backward()
-    for k, n in enumerate(copies):
-        for g, p in zip(grads_plain[k], n.parameters()):
-            assert torch.allclose(p.grad, g, atol=1e-5)
+    names = [name for name, _ in copies[0].named_parameters()]
+    for k, n in enumerate(copies):  # the gradients land in the stacks, row k for slot k
+        for g, name in zip(grads_plain[k], names):
+            assert torch.allclose(pack.stacked[name].grad[k], g, atol=1e-5)
+        for p, name in zip(n.parameters(), names):  # the slot's weights are the stack's row
+            assert p.data_ptr() == pack.stacked[name][k].data_ptr()
         for a, b in zip(n.buffers(), nets[k].buffers()):  # BN statistics, per slot
             assert torch.allclose(a.double(), b.double(), atol=1e-6)
     pack.eval()  # evaluation mode uses each slot's own running statistics
@@ -101,6 +104,42 @@ def test_the_pack_computes_what_each_model_computes(model, size, c):
     for k, n in enumerate(nets):
         n.eval()
         assert torch.allclose(out[k], n(x[k]), atol=1e-5)
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-3])
+def test_the_pack_optimizer_is_adam_per_slot(wd):
+    # three slots at their own learning rates: slot 2 joins late (a refill resets its
+    # moments), slot 1 finishes early (learning rate 0 from then on: its weights stand still,
+    # whatever its moments do). Each row follows torch.optim.Adam on that slot's tensor alone.
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4, 5), torch.randn(3, 7)]
+    stacked = [t.clone().requires_grad_(True) for t in start]
+    opt = packtrain.PackAdam(stacked, wd)
+    alone = [[t[k].clone().requires_grad_(True) for t in start] for k in range(3)]
+    ref = [torch.optim.Adam(ps, lr=1.0, weight_decay=wd) for ps in alone]
+    lr = {0: 1e-2, 1: 3e-3, 2: 5e-2}
+    steps = [0, 0, 0]
+    for it in range(6):
+        grads = [torch.randn_like(t) for t in start]
+        moving = [k for k in range(3) if not (k == 2 and it < 2) and not (k == 1 and it >= 3)]
+        if it == 2:
+            opt.reset(2)
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        for k in moving:
+            steps[k] += 1
+            for p, g in zip(alone[k], grads):
+                p.grad = g[k].clone()
+            ref[k].param_groups[0]["lr"] = lr[k]
+            ref[k].step()
+        opt.step([lr[k] if k in moving else 0.0 for k in range(3)],
+                 [steps[k] if k in moving else 1 for k in range(3)])
+        assert all(p.grad is None for p in stacked)
+    assert steps == [6, 3, 4]
+    for k in range(3):
+        for p, q, t in zip(stacked, alone[k], start):
+            assert torch.allclose(p[k], q, atol=1e-6, rtol=1e-5)
+            assert not torch.equal(p[k], t[k])
 
 
 def test_a_pack_refuses_what_it_cannot_run():

@@ -345,18 +345,27 @@ class _Run:
     def event(self):
         """At an event step, the only place the loop waits for the device: the stop rules,
         then validation (each `eval_every` steps and at each stage's end), the next stage."""
-        if self.step not in self.events:
-            return None
-        if reason := self.rules.at_event(self.step, self.window):
-            return reason
-        if (self.step % self.eval_every == 0 or self.step == self.stages.end) \
-                and not self.cfg.get("_prescreen_run"):
-            self._validate()
-        self.stages.advance(self.step)
-        return None
+        reason, due = self.event_checks()
+        if due:
+            self.record_validation(*_accuracy(self.model, self.stages.x_val, self.splits.y_val,
+                                              self.fast, True))
+        if reason is None:
+            self.stages.advance(self.step)
+        return reason
 
-    def _validate(self) -> None:
-        val, nll = _accuracy(self.model, self.stages.x_val, self.splits.y_val, self.fast, True)
+    def event_checks(self):
+        """The first half of `event`: (a stop reason or None, whether validation is due now).
+        The pack trainer validates its slots together between the two halves."""
+        if self.step not in self.events:
+            return None, False
+        if reason := self.rules.at_event(self.step, self.window):
+            return reason, False
+        due = (self.step % self.eval_every == 0 or self.step == self.stages.end) \
+            and not self.cfg.get("_prescreen_run")
+        return None, due
+
+    def record_validation(self, val: float, nll) -> None:
+        """A validation's accuracy and NLL: the best checkpoint so far if it is better."""
         if val > self.best_val:
             self.best_val, self.best_size, self.best_nll = val, self.stages.size, nll
             if self.with_test:
