@@ -240,10 +240,13 @@ def test_out_of_memory_in_a_pack_halves_the_width(monkeypatch):
                                                                   [0, 0, 1], width=2)]
 
 
-def test_a_model_the_pack_cannot_serve_trains_alone_and_says_so_once(monkeypatch, caplog):
+def test_a_model_the_pack_cannot_serve_trains_alone_and_says_so_once(monkeypatch, caplog,
+                                                                    request):
     from gp_loss.surrogate.models import TinyCNN
 
     monkeypatch.setattr(packtrain, "PACKABLE", (TinyCNN,))
+    packtrain.packable_name.cache_clear()  # what it answered for the real PACKABLE
+    request.addfinalizer(packtrain.packable_name.cache_clear)
     monkeypatch.setattr(packtrain, "_WARNED", set())
     assert effective_width("mlp", 8) == 1 and effective_width("tiny", 8) == 8
     cfg = {**SHORT, "model": "mlp"}

@@ -187,10 +187,13 @@ class ExecutorConfig:
     address: str = ""  # ray: "" = start a local cluster, "auto" = the running one, or host:port
     gpus_per_eval: float = 0.0  # ray: GPUs one pack reserves (0.5: two share a card)
     # Candidates one worker trains at once as one grouped network (surrogate/packtrain.py):
-    # workers x K evaluations are in flight. K is an evaluation setting (results at K > 1 differ
-    # from K = 1 in the last bits, so the fitness cache keys on it). 8: the best K measured for
-    # the CPU default (digits, tiny, 1 thread: analysis/bench_population.py, BENCHMARKS.md P14).
-    # Models the pack cannot serve train at 1.
+    # workers x K evaluations are in flight (the packer sends 2K per call). K is an evaluation
+    # setting (results at K > 1 differ from K = 1 in the last bits, so the fitness cache keys
+    # on it). 8: measured for the CPU default with analysis/bench_population.py (56 real
+    # candidates, digits/tiny, 300 steps, 1 thread, 2-core VM; BENCHMARKS.md P14): candidates
+    # per hour 1.98x K = 1 at K = 8, 1.99x at 16 (a tie, at twice the candidates in flight),
+    # 1.84x at 4. On 28 px (mnist5k) K = 2 measured best (1.5x). Models the pack cannot serve
+    # (the torchvision ones) train at 1.
     candidates_per_worker: int = 8
 
     def __post_init__(self) -> None:
