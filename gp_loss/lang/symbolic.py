@@ -146,6 +146,14 @@ def _leaf(node, pset, y, mode):
     return _Val(r, _label(r), float(node.value), r)
 
 
+# One op applied to the same SymPy arguments gives the same expression. The key's build
+# ('atoms') keeps its memo across calls, because a child shares all but one path of its tree
+# with its parent and the canonical key is most of the search driver's time; the display's
+# builds keep theirs per call (they may run beside ``sympy.evaluate(False)`` code). Bounded.
+_KEY_MEMO: dict = {}
+_KEY_MEMO_MAX = 50_000
+
+
 def build_bindings(tree, pset, ys=(None,), reduce=None, constants="exact", labels=None,
                    exact=None):
     """Iterative post-order build, once per binding of y in ``ys`` (None: the symbol y).
@@ -155,7 +163,10 @@ def build_bindings(tree, pset, ys=(None,), reduce=None, constants="exact", label
     ``labels`` (a dict), when given, receives each constant symbol's name -> float64 value;
     ``exact`` (a dict) its exact value, unevaluated ('atoms_shown').
     """
-    stack, memo = [], {}
+    stack = []
+    memo = _KEY_MEMO if constants == "atoms" else {}
+    if len(memo) > _KEY_MEMO_MAX:
+        memo.clear()
     forms = {"atoms": KEY_FORMS, "float": DISPLAY_FORMS,
              "atoms_shown": DISPLAY_FORMS}.get(constants, {})
     for node in reversed(tree):
@@ -182,7 +193,7 @@ def build_bindings(tree, pset, ys=(None,), reduce=None, constants="exact", label
                         exact[out[-1].expr] = out[-1].exact
                 continue
             key = (info.op.name, tuple(v.expr for v in vals))
-            if key not in memo:   # bindings often share subtrees (no y below)
+            if key not in memo:   # bindings, and a child and its parent, share subtrees
                 form = forms.get(info.op.name, info.op.sympy)
                 memo[key] = _Val(form(*key[1]))
             out.append(memo[key])
