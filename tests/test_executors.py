@@ -14,6 +14,7 @@ import math
 import operator
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -241,6 +242,12 @@ def test_ray_search_through_the_cli(ray_cluster, tmp_path):
     assert s["top"] and 0 < s["top"][0]["fitness"] <= 1
     counts = s["counts"]
     assert counts["evaluated"] + counts["reused"] + counts["failed"] == 4 + 3
+    # the default K: each actor trained its candidates in packs of 8
+    con = sqlite3.connect(run_dir / "run.sqlite")
+    ks = {k for (k,) in con.execute("SELECT json_extract(result_json, '$.pack_k') FROM "
+                                    "candidates WHERE status IN ('evaluated', 'failed')")}
+    con.close()
+    assert ks == {8}
     assert ray_cluster.is_initialized()
 
 

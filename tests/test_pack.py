@@ -50,6 +50,22 @@ def boom(logits, y):
     raise ValueError("boom")
 
 
+class Late:
+    """A loss that trains as cross-entropy, then fails at its ``at``-th call (NaN or raise):
+    after validations, so a best checkpoint exists when it fails."""
+
+    def __init__(self, at: int, how: str):
+        self.calls, self.at, self.how = 0, at, how
+
+    def __call__(self, logits, y):
+        self.calls += 1
+        if self.calls >= self.at:
+            if self.how == "raise":
+                raise ValueError("late")
+            return logits.sum() * float("nan")
+        return F.cross_entropy(logits, y)
+
+
 def anti(logits, y):  # learns to be wrong: fails the pre-screen
     return -F.cross_entropy(logits, y)
 
@@ -184,12 +200,27 @@ def test_a_result_does_not_depend_on_its_neighbours_its_slot_or_a_refill():
 def test_the_paper_surrogate_packs_with_its_dropout_per_slot():
     # ResNet9V2 draws dropout masks: each slot from its own stream, so a result is still the
     # same in any pack and slot, and a refill after a failure starts its own stream
+    # ce sits in slot 1 of a and slot 0 of b; mse is the refill of slot 0 in a, slot 1 in b
     cfg = {**SHORT, "model": "resnet9v2", "steps": 24, "prescreen_steps": 12}
     a = train_pack([nan_loss, ce, mse], cfg, [0, 0, 1], width=2, with_test=True)
-    b = train_pack([mse, ce], cfg, [1, 0], width=2, with_test=True)
-    assert view(a[1]) == view(b[1]) and view(a[2]) == view(b[0])
+    b = train_pack([ce, mse], cfg, [0, 1], width=2, with_test=True)
+    assert view(a[1]) == view(b[0]) and view(a[2]) == view(b[1])
     assert a[0]["reason"] == "nan_loss" and all(r["pack_k"] == 2 for r in a + b)
     assert a[1]["status"] == "ok" and a[1]["steps"] == 24
+
+
+@pytest.mark.parametrize("how, reason", [("nan", "nan_loss"), ("raise", "error: ValueError: late")])
+def test_a_candidate_failing_after_a_validation_ends_alone_with_the_test_split(how, reason):
+    # with_test: the failing candidate's result loads its best checkpoint into its slot; its
+    # neighbours' results are those they get without it, and its own as when it trains alone
+    # (the weights of its last good step)
+    a = train_pack([Late(25, how), mse], SHORT, [0, 0], width=2, with_test=True)
+    b = train_pack([ce, mse], SHORT, [1, 0], width=2, with_test=True)
+    assert a[0]["status"] == "failed" and a[0]["reason"] == reason and a[0]["steps"] == 25
+    assert a[0]["test_acc"] is not None and a[0]["val_acc"] > 0
+    assert view(a[1]) == view(b[1])
+    c = train_pack([mse, Late(25, how)], SHORT, [0, 0], width=2, with_test=True)
+    assert view(c[1]) == view(a[0]) and view(c[0]) == view(a[1])
 
 
 def test_k_is_a_setting_and_close_to_training_alone():
@@ -197,6 +228,7 @@ def test_k_is_a_setting_and_close_to_training_alone():
     packed = train_pack([ce, mse], SHORT, [0, 0], width=4)
     for x, y in zip(alone, packed):
         assert x["steps"] == y["steps"] and abs(x["val_acc"] - y["val_acc"]) < 0.05
+        assert x["weights_hash"] != y["weights_hash"]  # the last bits differ: K is a setting
 
 
 def test_the_separate_prescreen_runs_in_packs_too():
@@ -212,9 +244,9 @@ def test_stages_that_change_the_image_size_start_candidates_together():
     stages = [{"steps": 15, "image_size": 8}, {"steps": 15, "image_size": 12}]
     cfg = {**SHORT, "stages": stages, "prescreen_steps": 0}
     a = train_pack([nan_loss, ce, mse], cfg, [0, 0, 0], width=2, with_test=True)
-    b = train_pack([mse], cfg, [0], width=2, with_test=True)
+    b = train_pack([ce, mse], cfg, [0, 0], width=2, with_test=True)  # other slots than in a
     assert a[0]["reason"] == "nan_loss" and a[1]["steps"] == a[2]["steps"] == 30
-    assert view(a[2]) == view(b[0])
+    assert view(a[2]) == view(b[1]) and view(a[1]) == view(b[0])
 
 
 def test_a_pack_past_its_time_limit_retries_its_candidates_alone():

@@ -187,7 +187,8 @@ class ExecutorConfig:
     address: str = ""  # ray: "" = start a local cluster, "auto" = the running one, or host:port
     gpus_per_eval: float = 0.0  # ray: GPUs one pack reserves (0.5: two share a card)
     # Candidates one worker trains at once as one grouped network (surrogate/packtrain.py):
-    # workers x K evaluations are in flight (the packer sends 2K per call). K is an evaluation
+    # workers x 2K evaluations are in flight (the packer sends 2K per call, trained K at a time,
+    # so a finished slot is refilled from the call's own queue). K is an evaluation
     # setting (results at K > 1 differ from K = 1 in the last bits, so the fitness cache keys
     # on it). 8: measured for the CPU default with analysis/bench_population.py (56 real
     # candidates, digits/tiny, 300 steps, 1 thread, 2-core VM; BENCHMARKS.md P14): candidates

@@ -29,8 +29,9 @@ from .base import EvaluationTimeout, Executor
 
 def pack_timeout(timeout_s: float, width: int) -> float:
     """What a worker's hard deadline is scaled from (``surrogate.timeout_s`` per candidate):
-    a call of 2K candidates at width K gets 2K x timeout_s in the pack, then its unfinished
-    candidates timeout_s each alone (``surrogate/packtrain.py``): 4K x in all."""
+    a call of 2K candidates at width K has one deadline of 2K x timeout_s for all its pack
+    work, then its unfinished candidates get timeout_s each alone (``surrogate/packtrain.py``):
+    4K x in all."""
     return timeout_s * (4 * width if width > 1 else 1)
 
 

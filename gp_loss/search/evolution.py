@@ -297,7 +297,8 @@ class Evolution(StartPhases):
 
     # ------------------------------------------------------------------ the loop
     def _fill(self):
-        """Propose and submit until ``executor.workers`` x K evaluations are in flight, then
+        """Propose and submit until the executor's capacity is in flight (``workers``, or
+        ``workers`` x 2K with packs: ``Packer.capacity``), then
         send the packs collected (a part-filled one too: the loop is about to wait)."""
         try:
             self._propose()

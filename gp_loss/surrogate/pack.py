@@ -20,8 +20,9 @@ K (kernels are chosen by shape), so K is part of the evaluation settings.
 
 Architectures: ``TinyCNN``, ``MLP`` and ``ResNet9V2`` (``packable``); anything else trains
 alone (K = 1). Dropout (ResNet9V2's) draws each slot's mask from that slot's own generator
-(``forward(x, generators)``), in the same way and amount as ``nn.Dropout`` draws from the
-global one, so a slot's masks never depend on its neighbours. Used by the trainer; reads
+(``forward(x, generators)``), so a slot's masks never depend on its neighbours; on the CPU in
+the same way and amount as ``nn.Dropout`` draws from the global one (on CUDA ``nn.Dropout``
+uses a fused kernel with other draws: one more reason K is a setting). Used by the trainer; reads
 ``models``.
 """
 from __future__ import annotations

@@ -29,9 +29,11 @@ A slot's life: the pre-screen, the mid-run rule, NaN/inf losses and exceptions e
 candidate alone with today's reasons; the others go on. A finished slot is refilled with the
 next candidate of the list (when every stage has one image size: a refill restarts at stage 1,
 and the input of all slots must have one shape); otherwise the next K start together when the
-pack is empty. ``surrogate.timeout_s`` cannot be measured per slot: the pack as a whole gets
-K x timeout_s, and the candidates still unfinished then are retried alone (K = 1, with the
-ordinary per-candidate limit). An out-of-memory error in the pack's own step (not inside one
+pack is empty. ``surrogate.timeout_s`` cannot be measured per slot: all the pack work of one
+call (both phases of a separate pre-screen, any halving) has one deadline, N x timeout_s for
+its N candidates (the time they would have had one after another), and the candidates still
+unfinished then -- started or not -- are retried alone (K = 1, with the ordinary
+per-candidate limit); a run where the limit fired depends on the machine's speed, as alone. An out-of-memory error in the pack's own step (not inside one
 loss) retries its unfinished candidates in packs of half the width. Either way each result
 says the width it ran at (``pack_k``).
 
@@ -105,6 +107,10 @@ def train_pack(loss_fns: list[LossFn], surrogate: dict, seeds: list[int], *, wid
                          download=cfg["download"])
     results: list = [None] * len(loss_fns)
     spent = [0.0] * len(loss_fns)  # a slot's own wall seconds, pre-screen run included
+    # One deadline for all the pack work of this call (both phases, any halving): the time
+    # its candidates would have had one after another, N x timeout_s.
+    deadline = (time.perf_counter() + cfg["timeout_s"] * len(loss_fns)
+                if cfg["timeout_s"] > 0 else None)
     phases = [(cfg, with_test)]
     if cfg["prescreen_separate"] and cfg["prescreen_steps"] > 0:
         one = {"steps": cfg["prescreen_steps"],
@@ -115,7 +121,8 @@ def train_pack(loss_fns: list[LossFn], surrogate: dict, seeds: list[int], *, wid
     for n, (phase_cfg, test) in enumerate(phases):
         last = n == len(phases) - 1
         todo = [i for i in range(len(loss_fns)) if results[i] is None]
-        done, alone = _phase(todo, loss_fns, seeds, phase_cfg, splits, dev, test, width)
+        done, alone = _phase(todo, loss_fns, seeds, phase_cfg, splits, dev, test, width,
+                             deadline)
         for i, res in done:
             spent[i] += res["seconds"]
             if last or res["status"] != "ok":  # a passed pre-screen goes on to the full run
@@ -127,11 +134,11 @@ def train_pack(loss_fns: list[LossFn], surrogate: dict, seeds: list[int], *, wid
     return results
 
 
-def _phase(todo, loss_fns, seeds, cfg, splits, dev, with_test, width):
+def _phase(todo, loss_fns, seeds, cfg, splits, dev, with_test, width, deadline):
     """Train ``todo`` in packs of ``width``: (finished (index, result) pairs, the indices to
     retry alone). An out-of-memory error in the pack's step retries its unfinished candidates
     at half the width (alone below 2); the finished ones keep their results."""
-    run = _PackRun(todo, loss_fns, seeds, cfg, splits, dev, with_test, width)
+    run = _PackRun(todo, loss_fns, seeds, cfg, splits, dev, with_test, width, deadline)
     try:
         return run.run()
     except (MemoryError, torch.OutOfMemoryError):
@@ -141,7 +148,8 @@ def _phase(todo, loss_fns, seeds, cfg, splits, dev, with_test, width):
     rest = [i for i in todo if i not in finished]
     if width // 2 < 2:
         return run.done, rest
-    done, alone = _phase(rest, loss_fns, seeds, cfg, splits, dev, with_test, width // 2)
+    done, alone = _phase(rest, loss_fns, seeds, cfg, splits, dev, with_test, width // 2,
+                         deadline)
     return run.done + done, alone
 
 
@@ -149,7 +157,7 @@ class _PackRun:
     """One pack of ``width`` slots working through ``todo``; ``run()`` returns
     (finished (index, result) pairs, indices left unfinished by the pack's time limit)."""
 
-    def __init__(self, todo, loss_fns, seeds, cfg, splits, dev, with_test, width):
+    def __init__(self, todo, loss_fns, seeds, cfg, splits, dev, with_test, width, deadline):
         self.queue, self.loss_fns, self.seeds = list(todo), loss_fns, seeds
         self.cfg, self.splits, self.dev, self.with_test, self.width = cfg, splits, dev, with_test, width
         self.size = cfg["image_size"] or splits.image_size
@@ -166,8 +174,7 @@ class _PackRun:
         if dev.type == "cuda":
             self.fast = {"amp": cfg["amp"] == "bf16" or (cfg["amp"] == "auto"
                                                          and torch.cuda.is_bf16_supported())}
-        self.limit = cfg["timeout_s"] * width
-        self.t0 = time.perf_counter()
+        self.deadline = deadline  # perf_counter time (None: no limit)
         self.done: list = []
         self.pstep = 0  # pack steps so far: a cohort is (seed, the pack step it started at)
         self.cohorts: dict = {}
@@ -227,7 +234,7 @@ class _PackRun:
             self._step()
             self.pstep += 1
             self._fill()
-            if self.limit and time.perf_counter() - self.t0 > self.limit:
+            if self.deadline is not None and time.perf_counter() > self.deadline:
                 left = [s[0] for s in self.slots if s is not None] + self.queue
                 return self.done, left
         return self.done, []
@@ -251,7 +258,7 @@ class _PackRun:
         x = torch.stack([batch[k][0] if k in batch else torch.zeros_like(like)
                          for k in range(self.width)])
         logits = self._logits(x)
-        grads = [None] * self.width
+        grads, failed = [None] * self.width, []
         for k, run in active:
             yb = batch[k][1]
             lk = logits[k].detach().requires_grad_(True)
@@ -265,7 +272,7 @@ class _PackRun:
             except Exception as exc:  # one candidate's loss fails: that candidate alone
                 reason = error_reason(exc)
             if reason is not None:
-                self._finish(k, "failed", reason)
+                failed.append((k, reason))
                 continue
             run.window.add(lk, yb)
         live = [(k, run) for k, run in active if grads[k] is not None]
@@ -280,8 +287,13 @@ class _PackRun:
             self.opt.zero_grad()
         share = (time.perf_counter() - t) / len(active)
         for k, _ in active:
-            if self.slots[k] is not None:
-                self.slots[k][3] += share
+            self.slots[k][3] += share
+        # Only now, after the backward: a failed candidate's result may load its best
+        # checkpoint into its slot (with_test), which writes memory the graph still held.
+        # Its row stood still in the step (learning rate 0), so its weights are those of its
+        # last good step, as when it trains alone.
+        for k, reason in failed:
+            self._finish(k, "failed", reason)
         t = time.perf_counter()
         due, checked = [], []
         for k, run in live:
