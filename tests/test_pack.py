@@ -280,9 +280,9 @@ def test_a_model_the_pack_cannot_serve_trains_alone_and_says_so_once(monkeypatch
     packtrain.packable_name.cache_clear()  # what it answered for the real PACKABLE
     request.addfinalizer(packtrain.packable_name.cache_clear)
     monkeypatch.setattr(packtrain, "_WARNED", set())
-    assert effective_width("mlp", 8) == 1 and effective_width("tiny", 8) == 8
     cfg = {**SHORT, "model": "mlp"}
     with caplog.at_level(logging.WARNING, logger="gp_loss.surrogate"):
+        assert effective_width("mlp", 8) == 1 and effective_width("tiny", 8) == 8
         got = train_pack([ce, mse], cfg, [0, 0], width=4)
         train_pack([ce], cfg, [0], width=4)
     assert [r["pack_k"] for r in got] == [1, 1]

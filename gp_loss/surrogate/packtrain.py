@@ -76,8 +76,12 @@ def packable_name(model: str) -> bool:
 
 
 def effective_width(model: str, width: int) -> int:
-    """The width candidates of ``model`` train at when ``width`` is asked for."""
-    return width if width > 1 and packable_name(model) else 1
+    """The width candidates of ``model`` train at when ``width`` is asked for (a model the
+    pack cannot serve: 1, said once per process -- whichever command asks)."""
+    if width > 1 and not packable_name(model):
+        fallback_warned(model)
+        return 1
+    return max(1, width)
 
 
 def fallback_warned(model: str) -> None:
