@@ -52,7 +52,7 @@ from ..lang.variation import mutate
 from ..runs.ranking import tie_value
 from ..screen import novelty
 from ..surrogate.fitness import evaluate, evaluate_pack
-from ..surrogate.packtrain import effective_width, fallback_warned
+from ..surrogate.packtrain import effective_width
 from .cache import FitnessCache, default_path, settings_digest
 from .population import Population
 from .proposals import Attempts, Verdict, vet
@@ -85,10 +85,9 @@ class Evolution(StartPhases):
         self.past_rows: dict[int, dict] = {}
         self.stop_reason = None
         self.best = None                     # (fitness, expression text), best so far
-        # Candidates per pack (surrogate/packtrain.py); 1 for a model the pack cannot serve.
+        # Candidates per pack (surrogate/packtrain.py); 1 for a model the pack cannot serve
+        # (effective_width says so once).
         self.width = effective_width(cfg.surrogate.model, cfg.executor.candidates_per_worker)
-        if self.width < cfg.executor.candidates_per_worker and cfg.executor.candidates_per_worker > 1:
-            fallback_warned(cfg.surrogate.model)
         self.packer = None
 
     # ------------------------------------------------------------------ bookkeeping helpers

@@ -55,7 +55,7 @@ from .data import load_splits, resolve_device
 from .models import build_model
 from .models import ALIASES
 from .pack import PACKABLE, Pack
-from .train import LossFn, _config, _Run, error_reason, train_candidate
+from .train import LossFn, _config, _Run, error_reason, mean_nll, train_candidate
 
 __all__ = ["train_pack"]
 
@@ -99,9 +99,7 @@ def train_pack(loss_fns: list[LossFn], surrogate: dict, seeds: list[int], *, wid
     if len(loss_fns) != len(seeds):
         raise ValueError("one seed per loss")
     cfg = _config(surrogate)
-    if width <= 1 or not packable_name(cfg["model"]):
-        if width > 1:
-            fallback_warned(cfg["model"])
+    if effective_width(cfg["model"], width) == 1:
         return [{**train_candidate(fn, surrogate, seed=s, device=device, with_test=with_test),
                  "pack_k": 1} for fn, s in zip(loss_fns, seeds)]
     dev = torch.device(resolve_device(device))
@@ -339,11 +337,7 @@ class _PackRun:
                                    reduction="none").view(self.width, -1).sum(1)
         self.pack.train()
         n = max(1, x.shape[0])
-        out = []
-        for c, v in zip(correct.tolist(), nll.tolist()):
-            v /= n
-            out.append((c / n, v if math.isfinite(v) else None))
-        return out
+        return [(c / n, mean_nll(v, n)) for c, v in zip(correct.tolist(), nll.tolist())]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is None:

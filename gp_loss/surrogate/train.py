@@ -154,8 +154,13 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=Non
     acc = correct.item() / max(1, x.shape[0])
     if not with_nll:
         return acc
-    value = nll.item() / max(1, x.shape[0])
-    return acc, (value if math.isfinite(value) else None)
+    return acc, mean_nll(nll.item(), max(1, x.shape[0]))
+
+
+def mean_nll(total: float, n: int):
+    """A validation's mean NLL from its float64 sum over ``n`` images; None if not finite."""
+    value = total / n
+    return value if math.isfinite(value) else None
 
 
 # torch.compile'd networks, one per (model, input shape, classes, device) per process.
