@@ -117,14 +117,9 @@ def per_class_doc(per_class=None, per_class_reason=None) -> str:
     return "".join(f"    {_doc_text(line)}\n" for line in lines) + "\n"
 
 
-def function_source(tree, pset="paper", name="loss", sign=1, formula=None, per_class=None,
-                    per_class_reason=None) -> str:
-    """Source of ``NAME_per_sample``, ``NAME`` and the ``CamelName`` module for one tree.
-    ``per_class``/``per_class_reason`` (sign applied) only add docstring lines."""
+def per_sample_source(tree, pset="paper", name="loss") -> str:
+    """Source of ``NAME_per_sample`` alone: the first part of ``function_source``'s text."""
     pset = load_pset(pset)
-    check_name(name)
-    if sign not in (1, -1):
-        raise ValueError("sign must be +1 or -1")
     text = to_text(tree, pset)
     lines, ref, is_float = _body_lines(tree, pset)
     has_terminal = any(var_name(n, pset) for n in tree)
@@ -135,18 +130,30 @@ def function_source(tree, pset="paper", name="loss", sign=1, formula=None, per_c
     else:
         # A Sample-typed root that involves y or p went through a reduction, so it is (B,).
         final = ref if has_terminal else f"p.new_zeros(p.shape[0]) + {ref}"
-    doc_formula = _doc_text(formula or text)
-    doc_per_class = per_class_doc(per_class, per_class_reason)
-    sign_word = "+1" if sign == 1 else "-1 (the expression is negated)"
     body = "\n".join(lines)
-    mean = "per_sample.mean()" if sign == 1 else "-per_sample.mean()"
-    cls = camel(name)
     return f'''
 
 def {name}_per_sample(y, p):
     """Per-sample loss (B,) of `{text}` from targets y and probabilities p, both (B, C)."""
 {body + chr(10) if body else ""}    return {final}
+'''
 
+
+def function_source(tree, pset="paper", name="loss", sign=1, formula=None, per_class=None,
+                    per_class_reason=None) -> str:
+    """Source of ``NAME_per_sample``, ``NAME`` and the ``CamelName`` module for one tree.
+    ``per_class``/``per_class_reason`` (sign applied) only add docstring lines."""
+    pset = load_pset(pset)
+    check_name(name)
+    if sign not in (1, -1):
+        raise ValueError("sign must be +1 or -1")
+    text = to_text(tree, pset)
+    doc_formula = _doc_text(formula or text)
+    doc_per_class = per_class_doc(per_class, per_class_reason)
+    sign_word = "+1" if sign == 1 else "-1 (the expression is negated)"
+    mean = "per_sample.mean()" if sign == 1 else "-per_sample.mean()"
+    cls = camel(name)
+    return per_sample_source(tree, pset, name) + f'''
 
 def {name}(logits, target):
     """{doc_formula}
@@ -209,3 +216,13 @@ def compile_loss(tree, pset="paper", sign=1, name="loss"):
     """(loss(logits, target), per_sample(y, p)) compiled from the printed source of ``tree``."""
     ns = compile_printed(module_source([{"tree": tree, "pset": pset, "name": name, "sign": sign}]))
     return ns[name], ns[f"{name}_per_sample"]
+
+
+def compile_per_sample(tree, pset="paper", name="loss"):
+    """``NAME_per_sample(y, p)`` alone, compiled from the header and the printer's text of that
+    function (the same lines ``compile_loss`` and an exported file hold): what the screen runs
+    on thousands of proposals, without compiling the batch-mean wrapper and module each time."""
+    check_name(name)
+    ns = compile_printed(PrintedSource(HEADER.format(version=__version__)
+                                       + per_sample_source(tree, pset, name)))
+    return ns[f"{name}_per_sample"]

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import sympy
 from deap import gp
+from sympy.printing.repr import ReprPrinter
 
 from .algebra import DISPLAY_FORMS, KEY_FORMS, P, add_terms, drop_free_terms, normal_form
 from .ops import plog
@@ -245,6 +246,31 @@ def is_unusable(expr) -> bool:
     return expr.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan)
 
 
+class _MemoRepr(ReprPrinter):
+    """``sympy.srepr``'s printer, with each subexpression's text kept across calls: a child's
+    normal form shares most subterms with its parent's, and the text of a node is a function of
+    the node alone (equal SymPy objects print alike), so the digests are srepr's own."""
+
+    def _print(self, expr, **kwargs):
+        if kwargs or not isinstance(expr, sympy.Basic):
+            return super()._print(expr, **kwargs)
+        text = _SREPR_MEMO.get(expr)
+        if text is None:
+            text = super()._print(expr)
+            if len(_SREPR_MEMO) >= _KEY_MEMO_MAX:
+                _SREPR_MEMO.clear()
+            _SREPR_MEMO[expr] = text
+        return text
+
+
+_SREPR_MEMO: dict = {}
+_REPR = _MemoRepr()
+
+
+def _srepr(expr) -> str:
+    return _REPR.doprint(expr)
+
+
 def _digest(pset, *parts) -> str:
     payload = "\n".join(parts).encode("utf-8")
     return f"{pset.name}:{hashlib.sha256(payload).hexdigest()[:_HEX]}"
@@ -259,7 +285,7 @@ def _key_of(tree, pset, sign):
             return None
         if g1 == 0 and g0 == 0:
             return f"{pset.name}:constant"
-        return _digest(pset, "g1", sympy.srepr(g1), "g0", sympy.srepr(g0))
+        return _digest(pset, "g1", _srepr(g1), "g0", _srepr(g0))
     onehot = {"y", "p"} <= set(pset.terminals) and not pset.class_sum
     if onehot:
         root = build_bindings(tree, pset, ys=(1, 0), reduce=_reduce_onehot, constants="atoms")[0]
@@ -270,7 +296,7 @@ def _key_of(tree, pset, sign):
     root = drop_free_terms(normal_form(sign * root), affine=False, onehot=onehot)
     if root == 0:
         return f"{pset.name}:constant"
-    return _digest(pset, "root", sympy.srepr(root))
+    return _digest(pset, "root", _srepr(root))
 
 
 _CACHE: dict = {}

@@ -96,30 +96,51 @@ def probe() -> Probe:
     return _PROBE
 
 
-def run_probe(per_sample, pset):
-    """(sweep L (1000,), probe per-sample values (rows,), [dL/dp (R, C) per probe block])."""
+def run_probe(per_sample, pset, gate=None):
+    """(sweep L (1000,), probe per-sample values (rows,), [dL/dp (R, C) per probe block]).
+
+    The sweep runs first, without a graph (its gradient is never used). ``gate(curve)``, when
+    given, decides whether the probe blocks are worth running: when it says no, the values and
+    gradients come back as None (the integrity check has already rejected the tree, and most
+    screened trees end there). A set whose loss is a class sum runs everything in one pass.
+    """
     pr = probe()
     torch = pr.torch
     if pset.class_sum:  # elementwise, then a class sum: everything in one column, one pass
         calls = [(pr.col_y, pr.col_p)]
     else:
-        calls = [(pr.t_sweep_y, pr.sweep_p)] + [(torch.from_numpy(y), p) for _, y, p in pr.blocks]
+        with torch.no_grad():
+            sweep = _per_sample(per_sample, pr.t_sweep_y, torch.from_numpy(pr.sweep_p))
+        if gate is not None and not gate(sweep):
+            return sweep, None, None
+        calls = [(torch.from_numpy(y), p) for _, y, p in pr.blocks]
     outs, grads = [], []
     for y, p_np in calls:
         p = torch.from_numpy(p_np).requires_grad_(True)
         out = per_sample(y, p)
-        if tuple(out.shape) != (p.shape[0],):
-            raise RuntimeError(f"per-sample output of shape {tuple(out.shape)}, not ({p.shape[0]},)")
+        _check_shape(out, p)
         outs.append(out.detach().numpy())
         grads.append(grad(torch, out, p))
-    if pset.class_sum:
-        shapes = [(SWEEP_ROWS, 2)] + [y.shape for _, y, _ in pr.blocks]
-        ends = np.cumsum([0] + [a * b for a, b in shapes])
-        cuts = list(zip(ends, ends[1:], shapes))
-        with np.errstate(all="ignore"):  # inf - inf -> nan is a finding, not a warning
-            outs = [outs[0][i:j].reshape(shape).sum(axis=1) for i, j, shape in cuts]
-        grads = [grads[0][i:j].reshape(shape) for i, j, shape in cuts]
+    if not pset.class_sum:
+        return sweep, np.concatenate(outs), grads
+    shapes = [(SWEEP_ROWS, 2)] + [y.shape for _, y, _ in pr.blocks]
+    ends = np.cumsum([0] + [a * b for a, b in shapes])
+    cuts = list(zip(ends, ends[1:], shapes))
+    with np.errstate(all="ignore"):  # inf - inf -> nan is a finding, not a warning
+        outs = [outs[0][i:j].reshape(shape).sum(axis=1) for i, j, shape in cuts]
+    grads = [grads[0][i:j].reshape(shape) for i, j, shape in cuts]
     return outs[0], np.concatenate(outs[1:]), grads[1:]
+
+
+def _check_shape(out, p):
+    if tuple(out.shape) != (p.shape[0],):
+        raise RuntimeError(f"per-sample output of shape {tuple(out.shape)}, not ({p.shape[0]},)")
+
+
+def _per_sample(per_sample, y, p):
+    out = per_sample(y, p)
+    _check_shape(out, p)
+    return out.numpy()
 
 
 def grad(torch, out, p):

@@ -75,13 +75,14 @@ def _tree_of(expr, pset):
     return parse(expr, pset) if isinstance(expr, str) else expr
 
 
-def _evaluate(tree, pset):
+def _evaluate(tree, pset, gate=None):
     """(tree, pset, curve, values, grads): parse if text, compile once (the printer's own
-    ``NAME_per_sample``: what is screened is what trains), run once."""
-    from ..lang.codegen import compile_loss
+    ``NAME_per_sample``: what is screened is what trains), run once (values and grads None
+    when ``gate(curve)`` is false: see ``run_probe``)."""
+    from ..lang.codegen import compile_per_sample
     pset = load_pset(pset)
     tree = _tree_of(tree, pset)
-    return (tree, pset) + run_probe(compile_loss(tree, pset)[1], pset)
+    return (tree, pset) + run_probe(compile_per_sample(tree, pset), pset, gate)
 
 
 # ----------------------------------------------------------------------------- step 1
@@ -171,11 +172,11 @@ def screen(tree, pset="paper") -> ScreenResult:
         # so skip compiling it -- most random initial trees are like this.
         return ScreenResult(False, "integrity_constant", 1, None, np.full(SWEEP_ROWS, np.nan))
     try:
-        _, _, curve, values, grads = _evaluate(tree, pset)
+        _, _, curve, values, grads = _evaluate(tree, pset, gate=lambda c: judge_curve(c)[0])
     except (RuntimeError, ValueError, TypeError, ArithmeticError):
         return ScreenResult(False, "eval_error", 1, None, np.full(SWEEP_ROWS, np.nan))
     accepted, reason, sign = judge_curve(curve)
-    if not accepted:
+    if not accepted:  # the probe blocks were not run (step 1 decides first)
         return ScreenResult(False, reason, 1, None, curve)
     fp = from_grads(grads, sign)
     reason = _steps_2_3(values, fp)
