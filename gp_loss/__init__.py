@@ -57,6 +57,12 @@ def _pset(pset):
     return load_pset(pset)
 
 
+def _pset_for(expr, pset):
+    """``expr``'s set: ``pset``, or ``reference`` for its zoo names (``ce_torch``, ...)."""
+    from .lang.psets import loss_pset
+    return loss_pset(expr, pset) if isinstance(expr, str) else _pset(pset)
+
+
 def _tree(expr, pset):
     """Text -> parsed tree; a tree passes through unchanged (``lang.trees.as_tree``)."""
     from .lang.trees import as_tree
@@ -138,7 +144,7 @@ def to_source(expr, name: str = "loss", pset="paper", sign=None, formula=None) -
     torch and math). ``sign`` None: decided by the integrity check. ``formula`` None: the
     simplified formula goes in the docstring."""
     from .lang import export as _export
-    pset = _pset(pset)
+    pset = _pset_for(expr, pset)
     tree = _tree(expr, pset)
     name = _export.check_name(_export.default_name(expr, pset) if name is None else name)
     sign = sign_of(tree, pset) if sign is None else sign
@@ -151,7 +157,7 @@ def compile_loss(expr, pset="paper", sign=None, name: str = "loss"):
     (exactly the code ``export`` writes). ``sign`` None: decided by the integrity check."""
     from .lang import codegen
     from .lang import export as _export
-    pset = _pset(pset)
+    pset = _pset_for(expr, pset)
     tree = _tree(expr, pset)
     sign = sign_of(tree, pset) if sign is None else _export.check_sign(sign)
     loss, _per_sample = codegen.compile_loss(tree, pset, sign=sign, name=_export.check_name(name))

@@ -38,7 +38,7 @@ def _write(tmp_path, name, terminals='y = "Elem"\np = "Elem"', constants="[1, -1
     'y = "Elem"\nq = "Elem"',
 ])
 def test_terminal_names_other_than_y_and_p_are_refused(tmp_path, terminals):
-    with pytest.raises(PSetError, match="terminals must be y and/or p"):
+    with pytest.raises(PSetError, match="terminals must be among y, p, logp, inv_c"):
         load_pset(str(_write(tmp_path, "evil", terminals=terminals)))
 
 

@@ -420,7 +420,7 @@ def test_compare_trains_in_packs(tmp_path):
     ps = load_pset("paper")
     losses = [C.make_loss("ce", ps, "ce"), C.make_loss("baikal", ps, "baikal")]
     cells = C.plan_cells(cfg, ["digits"], ["tiny"], ["none"], "cpu")
-    res = C.compare(losses, cells, [0, 1, 2], width=2)
+    res = C.compare(losses, cells, [0, 1, 2], width=2, reference="ce")
     entries = res["cells"][0]["results"]
     want = evaluate_pack([(losses[1].expr, s, losses[1].sign) for s in (2, 0, 1)],
                          ps.source, cells[0].surrogate, True, width=2)

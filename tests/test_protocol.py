@@ -103,7 +103,8 @@ def _cells(**sets):
 def test_lr_selection_keeps_best_mean_validation_per_loss():
     ps = load_pset("paper")
     losses = [C.make_loss("ce", ps, "ce"), C.make_loss("baikal", ps)]
-    res = C.compare(losses, _cells(), [0, 1], lrs=[2e-3, 1e-3], evaluate_fn=fake_eval)
+    res = C.compare(losses, _cells(), [0, 1], lrs=[2e-3, 1e-3], evaluate_fn=fake_eval,
+                    reference="ce")
     cell = res["cells"][0]["results"]
     assert cell["ce"]["lr"] == 2e-3 and cell["baikal"]["lr"] == 1e-3
     assert res["lrs"] == [2e-3, 1e-3] and res["runs_total"] == 2 * 2 * 2
@@ -124,7 +125,7 @@ def test_failed_runs_are_reported_and_excluded():
     ps = load_pset("paper")
     losses = [C.make_loss("ce", ps, "ce"), C.make_loss("focal", ps)]
     assert "square" in losses[1].expr
-    res = C.compare(losses, _cells(), [0, 1, 2], evaluate_fn=fake_eval)
+    res = C.compare(losses, _cells(), [0, 1, 2], evaluate_fn=fake_eval, reference="ce")
     e = res["cells"][0]["results"]["focal"]
     assert e["n_ok"] == 2 and e["n_failed"] == 1 and res["failed_runs"] == 1
     assert [r["reason"] for r in e["runs"]] == [None, "nan_loss", None]
@@ -141,10 +142,12 @@ def test_compare_digits_two_losses_two_seeds(run, tmp_path):
             "--seeds", 2, "--json", "--markdown", md, *TINY)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert [l["name"] for l in res["losses"]] == ["ce", "baikal"]  # ce not duplicated
+    # the reference (torch's cross-entropy) first, then the losses given
+    assert [l["name"] for l in res["losses"]] == ["ce_torch", "ce", "baikal"]
+    assert res["reference"] == "ce_torch" and res["losses"][0]["pset"] == "reference"
     (cell,) = res["cells"]
     assert (cell["dataset"], cell["model"], cell["augment"]) == ("digits", "tiny", "none")
-    for name in ("ce", "baikal"):
+    for name in ("ce_torch", "ce", "baikal"):
         e = cell["results"][name]
         assert [r["seed"] for r in e["runs"]] == [0, 1]
         for run_ in e["runs"]:
@@ -153,11 +156,23 @@ def test_compare_digits_two_losses_two_seeds(run, tmp_path):
         tests = [x["test_acc"] for x in e["runs"]]
         assert e["test_acc_mean"] == pytest.approx(sum(tests) / 2)
         assert e["test_acc_std"] == pytest.approx(abs(tests[0] - tests[1]) / math.sqrt(2))
-    b, c = cell["results"]["baikal"], cell["results"]["ce"]
-    assert c["p_value"] is None and c["wins"] is None
+    b, c = cell["results"]["baikal"], cell["results"]["ce_torch"]
+    assert c["p_value"] is None and c["wins"] is None and c["p_bootstrap"] is None
     expect = C.welch_p([x["test_acc"] for x in b["runs"]], [x["test_acc"] for x in c["runs"]])
-    assert b["p_value"] == expect and b["p_value_holm"] == expect  # one comparison: Holm = p
+    assert b["p_value"] == expect
+    pair = [cell["results"][n]["p_value"] for n in ("ce", "baikal")]
+    assert [cell["results"][n]["p_value_holm"] for n in ("ce", "baikal")] == C.holm(pair)
     assert b["wins"] + b["ties"] + b["losses"] == 2
+    assert b["test_acc_diff"] == pytest.approx(b["test_acc_mean"] - c["test_acc_mean"])
+    lo, hi = b["diff_ci95"]
+    assert lo <= b["test_acc_diff"] <= hi and 0 < b["p_bootstrap"] <= 1
+    for e in (b, c):
+        for x in e["runs"]:
+            assert x["split_seed"] == 0 and 0 <= x["ece"] <= 1
+            assert x["train_test_gap"] == pytest.approx(x["checkpoint_train_acc"] - x["test_acc"])
+            assert [v for _, v in x["val_curve"]].count(x["val_acc"]) >= 1
+        assert e["train_test_gap"] == pytest.approx(
+            sum(x["train_test_gap"] for x in e["runs"]) / 2)
     text = format_compare(res)
     assert "baikal" in text and "±" in text and "W/T/L" in text
     table = md.read_text()
@@ -194,7 +209,13 @@ def test_compare_explicit_cells(run):
     ["--loss", "baikal", "--dataset", "nosuchdata"],
     ["--loss", "baikal", "--model", "nosuchmodel"],
     ["--loss", "baikal", "--augment", "sideways"],
-    ["--loss", "ce"],  # nothing to compare with ce
+    ["--loss", "ce_torch"],  # nothing to compare with the reference
+    ["--reference", "baikal", "--loss", "baikal"],
+    ["--loss", "baikal", "--reference", "nosuchloss"],
+    ["--loss", "baikal", "--tune-seeds", "2"],  # nothing to tune without an --lr grid
+    ["--loss", "label_smoothing:1.5"],  # eps must be in [0, 1)
+    ["--loss", "label_smoothing:x"],
+    ["--loss", "baikal", "--store", "/no/such/folder/c.sqlite"],
     ["--from-run", "no/such/run"],
     ["--loss", "baikal", "--cell", "dataset"],
     ["--loss", "baikal", "--cell", "datasets=digits"],

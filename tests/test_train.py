@@ -216,7 +216,14 @@ def test_test_split_only_with_with_test(monkeypatch):
         seen.append(x.data_ptr())
         return real(model, x, y, *rest, **kw)
 
+    real_ckpt = train.checkpoint_metrics
+
+    def spy_ckpt(model, x, y, *rest, **kw):  # the test split's figures at the checkpoint
+        seen.append(x.data_ptr())
+        return real_ckpt(model, x, y, *rest, **kw)
+
     monkeypatch.setattr(train, "_accuracy", spy)
+    monkeypatch.setattr(train, "checkpoint_metrics", spy_ckpt)
     test_ptr = data.load_splits("digits").x_test.data_ptr()
     r = train_candidate(F.cross_entropy, {**SHORT, "eval_every": 20, "unknown_key": 1})
     assert r["test_acc"] is None and test_ptr not in seen

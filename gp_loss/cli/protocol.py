@@ -25,39 +25,61 @@ def _p(v) -> str:
 
 
 def format_compare(res: dict) -> str:
-    """Readable per-cell tables: mean ± std (%), p, Holm p, W/T/L, failures with reasons."""
+    """Readable per-cell tables: mean ± std (%), Welch p and Holm p, bootstrap p, W/T/L, lr,
+    gap, ECE, steps to the reference; failures with reasons."""
     lines = []
-    seeds = res["seeds"]
+    ref = res.get("reference") or res.get("baseline")
+    n_runs = len(res["seeds"]) * len(res.get("split_seeds") or [0])
     for c in res["cells"]:
         where = c.get("label") or f"{c['dataset']}/{c['model']}/{c['augment']}"
-        lines.append(f"{where}  ({c['steps']} steps, "
-                     f"{len(seeds)} seed(s); test accuracy at the best-validation checkpoint)")
-        width = max(8, *(len(n) for n in c["results"]))
-        width = min(width, 40)
+        lines.append(f"{where}  ({c['steps']} steps, {n_runs} run(s) per loss; test accuracy "
+                     f"at the best-validation checkpoint; vs {ref})")
+        width = min(max(8, *(len(n) for n in c["results"])), 32)
         lines.append(f"  {'loss':<{width}}  {'test acc %':>15}  {'p':>7}  {'Holm p':>7}  "
-                     f"{'W/T/L':>7}" + ("  lr" if res["lrs"] else ""))
+                     f"{'boot p':>7}  {'W/T/L':>7}  {'lr':>7}  {'gap %':>6}  {'ECE':>5}  "
+                     f"{'steps':>6}")
         for name, e in c["results"].items():
             acc = ("n/a" if e["test_acc_mean"] is None else
                    f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f}")
             wtl = "-" if e["wins"] is None else f"{e['wins']}/{e['ties']}/{e['losses']}"
             label = name if len(name) <= width else name[:width - 3] + "..."
+            gap = "-" if e.get("train_test_gap") is None else f"{100 * e['train_test_gap']:.1f}"
+            ece = "-" if e.get("ece") is None else f"{e['ece']:.3f}"
+            steps = "-" if e.get("steps_to_reference") is None else f"{e['steps_to_reference']:g}"
             lines.append(f"  {label:<{width}}  {acc:>15}  {_p(e['p_value']):>7}  "
-                         f"{_p(e['p_value_holm']):>7}  {wtl:>7}"
-                         + (f"  {e['lr']:g}" if res["lrs"] else ""))
+                         f"{_p(e['p_value_holm']):>7}  {_p(e.get('p_bootstrap')):>7}  "
+                         f"{wtl:>7}  {e['lr']:>7g}  {gap:>6}  {ece:>5}  {steps:>6}")
             for r in e["runs"]:
                 if r["status"] != "ok" or r["test_acc"] is None:
-                    lines.append(f"    {name} seed {r['seed']} FAILED: {r['reason']}")
+                    lines.append(f"    {name} seed {r['seed']} split {r.get('split_seed', 0)} "
+                                 f"FAILED: {r['reason']}")
         lines.append("")
     failed = res["failed_in_table"]
-    lines.append(f"W/T/L: seeds where the loss's test accuracy beats / equals / trails ce's with "
-                 f"the same seed. {failed} failed run(s) in the table, excluded from the "
-                 f"statistics ({res['failed_runs']} of {res['runs_total']} runs failed overall).")
+    lines.append(f"p: Welch over the runs (training seeds{' and splits' if n_runs > len(res['seeds']) else ''}); "
+                 f"boot p: bootstrap over test images. W/T/L: runs where the loss's test "
+                 f"accuracy beats / equals / trails {ref}'s with the same seeds. gap: training "
+                 f"minus test accuracy; steps: median first validation step reaching {ref}'s "
+                 f"best.")
+    if res.get("tune_seeds"):
+        lines.append(f"lr: chosen per loss and cell on tuning seeds {res['tune_seeds']} "
+                     f"(validation accuracy), disjoint from the test seeds {res['seeds']}.")
+    elif res.get("lrs"):
+        lines.append("lr: chosen per loss and cell by validation accuracy on the same seeds "
+                     "(give --tune-seeds N to choose on seeds of its own).")
+    lines.append(f"{failed} failed run(s) in the table, excluded from the statistics "
+                 f"({res['failed_runs']} of {res['runs_total']} runs failed overall"
+                 + (f"; {res['runs_from_ledger']} run(s) read from the store"
+                    if res.get("runs_from_ledger") else "") + ").")
     return "\n".join(lines)
 
 
 @cli.command(short_help="Transfer table: losses vs cross-entropy across cells and seeds.")
 @click.option("--loss", "loss_specs", multiple=True, metavar="EXPR|ZOO_NAME",
-              help="A loss to compare (repeatable); ce is always included as the baseline.")
+              help="A loss to compare (repeatable): an expression, a zoo name, or a reference "
+                   "loss: ce_torch, label_smoothing, label_smoothing:EPS.")
+@click.option("--reference", default="ce_torch", show_default=True, metavar="EXPR|ZOO_NAME",
+              help="The loss that p-values and wins/ties/losses are against (always trained); "
+                   "'ce' is the paper's protected cross-entropy.")
 @click.option("--from-run", "from_run", type=click.Path(file_okay=False), default=None,
               help="Also compare this run's finalists (rank1 .. rankK): the final ranking of "
                    "its elimination when one finished, else its best distinct candidates.")
@@ -74,7 +96,22 @@ def format_compare(res: dict) -> str:
 @seed_options(default=3)
 @click.option("--lr", "lrs", multiple=True, type=click.FloatRange(min=0, min_open=True),
               help="Learning rates to try (repeatable): each loss keeps, per cell, the one with "
-                   "the best mean validation accuracy.")
+                   "the best mean validation accuracy (on --tune-seeds when given).")
+@click.option("--tune-seeds", "tune_seeds", type=click.IntRange(min=1), default=None,
+              help="Choose each loss's lr on N tuning seeds of its own (the N seeds after the "
+                   "test seeds), then train the test seeds at it. Needs --lr.")
+@click.option("--split-seeds", "split_seeds", type=click.IntRange(min=1), default=1,
+              show_default=True,
+              help="Re-split train/validation N ways (the config's split_seed, +1, ..., "
+                   "+N-1); the test split never changes.")
+@click.option("--store", "store", default=None, metavar="FILE.sqlite",
+              help="Keep every finished run in FILE (default: beside --markdown, as "
+                   "FILE.sqlite); run the same command again to continue a killed compare "
+                   "(delete the file to train everything again).")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Resamples of the test images for the bootstrap p-value (0: none); its "
+                   "smallest value is 2/(N+1), so with Holm over many comparisons N must be "
+                   "large enough to reach significance.")
 @config_option()
 @set_option()
 @device_option()
@@ -84,23 +121,32 @@ def format_compare(res: dict) -> str:
               help="Runs in parallel (spawned processes when > 1).")
 @click.option("--markdown", "markdown", default=None, metavar="FILE",
               help="Also write the paper-style Markdown table to FILE.")
-@json_option("losses, cells (per loss: runs, test_acc_mean/std, p_value, p_value_holm, "
-             "wins, ties, losses), failed_runs")
-def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, seeds,
-            first_seed, lrs,
+@json_option("reference, losses, seeds, split_seeds, tune_seeds, cells (per loss: lr, runs "
+             "(each with split_seed), test_acc_mean/std, p_value, p_value_holm, p_bootstrap, "
+             "test_acc_diff, diff_ci95, wins, ties, losses, steps_to_reference, "
+             "train_test_gap, ece), definitions, failed_runs")
+def compare(loss_specs, reference, from_run, top, datasets, models, augments, cell_specs,
+            seeds, first_seed, lrs, tune_seeds, split_seeds, store, bootstrap,
             config, sets, device, data_root, download, pset, workers, markdown, as_json):
-    """Train losses against cross-entropy on datasets x models x augmentations x seeds.
+    """Train losses against a reference loss on datasets x models x augmentations x seeds.
 
     Reports per cell the test accuracy at the best-validation checkpoint (mean ± std over the
-    seeds), and per loss vs ce a Welch t-test p-value, its Holm correction over the whole table
-    and seed-paired wins/ties/losses. Failed runs are listed and left out of the statistics.
+    runs: test seeds x split seeds), and per loss vs the reference (torch's cross-entropy,
+    ce_torch, unless --reference says otherwise) a Welch t-test p-value over the runs (it covers
+    training randomness and the train/validation split), its Holm correction over the whole
+    table, a bootstrap p-value over the test images (it covers which test images were drawn),
+    paired wins/ties/losses, the chosen lr, the train-test gap, the expected calibration error
+    and the steps to reach the reference's best validation accuracy. Failed runs are listed and
+    left out of the statistics.
 
     \b
     Examples:
       gp-loss compare --loss baikal --dataset digits --model tiny --seeds 3
+      gp-loss compare --loss baikal --loss label_smoothing --lr 1e-3 --lr 2e-3 --lr 4e-3 \\
+          --tune-seeds 2 --seeds 10 --split-seeds 2 --markdown table.md
       gp-loss compare --from-run runs/quick --top 3 --augment none --augment flipcrop --json
       gp-loss compare --loss baikal --cell model=resnet9v2 --cell dataset=digits \\
-          --cell train_fraction=0.1 --seeds 10
+          --cell train_fraction=0.1 --seeds 10 --reference ce
     """
     from ..protocol import compare as C
     from ..protocol import eliminate as E
@@ -116,16 +162,16 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
         from ..config import apply_overrides, config_from_dict
         from ..runs.store import RunStore
 
-        with RunStore.open(from_run, readonly=True) as store:
-            cfg = apply_overrides(config_from_dict(store.config()), overrides)
+        with RunStore.open(from_run, readonly=True) as run_store:
+            cfg = apply_overrides(config_from_dict(run_store.config()), overrides)
         log.info("surrogate settings from %s (give --config to use others)", from_run)
     else:
         cfg = load_config(config, overrides)
     if markdown and not Path(markdown).resolve().parent.is_dir():
         raise UserError(f"cannot write {markdown}: folder {Path(markdown).parent} does not exist")
     ps = load_pset(pset)
-    losses, seen = [C.make_loss(C.BASELINE, ps, C.BASELINE)], set()
-    seen.add(C.BASELINE)
+    reference = reference.strip()
+    losses, seen = [C.make_loss(reference, ps, reference)], {reference}
     for spec in loss_specs:
         if spec.strip() not in seen:
             losses.append(C.make_loss(spec.strip(), ps))
@@ -133,15 +179,32 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
     if from_run:
         losses += C.run_losses(from_run, top)
     if len(losses) < 2:
-        raise UserError("nothing to compare with ce: give --loss EXPR or --from-run DIR")
+        raise UserError(f"nothing to compare with {reference}: give --loss EXPR or "
+                        f"--from-run DIR")
+    if tune_seeds and not lrs:
+        raise UserError("--tune-seeds chooses among learning rates: give an --lr grid too")
     dev = resolve_device(cfg.surrogate.device)
     cells = C.plan_cells(cfg, datasets, models, augments, dev, cell_specs=cell_specs)
     seed_list = list(range(first_seed, first_seed + seeds))
+    tune_list = C.tune_seed_list(seed_list, tune_seeds or 0)
+    if lrs and not tune_seeds:
+        log.warning("--lr without --tune-seeds: each loss's lr is chosen on the seeds it is "
+                    "reported on (give --tune-seeds N for seeds of its own)")
+    from ..protocol.ledger import Ledger
+
+    store = store or (str(Path(markdown).with_suffix(".sqlite")) if markdown else None)
+    ledger = Ledger(store) if store else None
+    if ledger is not None:
+        log.info("runs are kept in %s (%d there already); run the same command again to "
+                 "continue if it stops", store, len(ledger))
 
     def progress(i, n, key, res):
-        ci, name, lr, seed = key
-        log.info("[%d/%d] %s %s%s seed %d: test %s (%.1fs)%s", i + 1, n, cells[ci].label, name,
-                 f" lr {lr:g}" if lr is not None else "", seed, fmt(res.get("test_acc")),
+        phase, ci, loss, lr, split, seed = key
+        what = "test" if phase == "test" else "val"
+        log.info("[%d/%d] %s%s %s%s seed %d%s: %s %s (%.1fs)%s", i + 1, n,
+                 "tuning " if phase == "tune" else "", cells[ci].label, loss.name,
+                 f" lr {lr:g}" if lr is not None else "", seed,
+                 f" split {split}" if split else "", what, fmt(res.get(f"{what}_acc")),
                  res.get("seconds") or 0.0,
                  "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
     width = cfg.executor.candidates_per_worker
@@ -149,8 +212,20 @@ def compare(loss_specs, from_run, top, datasets, models, augments, cell_specs, s
                               retries=cfg.executor.retries,
                               timeout_s=pack_timeout(cfg.surrogate.timeout_s, width))
                 if workers > 1 else make_executor("serial", 1, cfg.executor.threads))
-    with executor:
-        res = C.compare(losses, cells, seed_list, lrs, executor, on_done=progress, width=width)
+    try:
+        with executor:
+            res = C.compare(losses, cells, seed_list, lrs, executor, on_done=progress,
+                            width=width, reference=reference, tune_seeds=tune_list,
+                            split_seeds=list(range(split_seeds)), ledger=ledger,
+                            bootstrap=bootstrap)
+    except KeyboardInterrupt:
+        if ledger is not None:
+            click.echo(f"interrupted; the finished runs are in {store}: run the same command "
+                       f"again to continue", err=True)
+        raise SystemExit(130)
+    finally:
+        if ledger is not None:
+            ledger.close()
     if markdown:
         Path(markdown).write_text(C.markdown_table(res), encoding="utf-8")
     click.echo(json.dumps(res, indent=2) if as_json else format_compare(res))

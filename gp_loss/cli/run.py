@@ -111,6 +111,9 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     from ..lang.psets import load_pset
 
     ps = load_pset(cfg.search.pset)  # a bad set name is bad input before anything is created
+    if not ps.searchable:
+        raise UserError(f"search.pset = {cfg.search.pset!r}: the {ps.name!r} set holds reference "
+                        f"losses for train/compare/export, not a search space")
     from ..lang.trees import parse
 
     for key, exprs in (("search.seed_with", cfg.search.seed_with),
@@ -306,14 +309,14 @@ def train(loss, dataset, model, seeds, first_seed, config, sets, device, data_ro
     from ..config import load_config
     from ..surrogate.fitness import evaluate, evaluate_pack
     from ..surrogate.packtrain import effective_width
-    from ..lang.psets import load_pset
+    from ..lang.psets import loss_pset
     from ..screen.integrity import integrity
     from ..lang.trees import parse, to_text
 
     extra = [f"surrogate.{k}={v}" for k, v in (("dataset", dataset), ("model", model),
                                                ("device", device)) if v]
     cfg = load_config(config, data_overrides(data_root, download) + list(sets) + extra)
-    ps = load_pset(pset)
+    ps = loss_pset(loss, pset)  # ce_torch / label_smoothing[:EPS] come from the reference set
     tree = parse(loss, ps)
     integ = integrity(tree, ps)
     sign = integ.sign if integ.accepted else 1

@@ -5,6 +5,8 @@ For a loss called NAME the printer emits
 * ``NAME_per_sample(y, p)`` -- the per-sample loss (B,) from one-hot/soft targets ``y`` and
   probabilities ``p`` (both (B, C)), one SSA line per tree node (no deep nesting, so any tree
   within the limits compiles); for a class-sum set (``paper``) it ends with ``.sum(dim=1)``;
+  for a set with the ``logp`` terminal (``reference``) it is ``NAME_per_sample(y, p, logp=None)``
+  and ``NAME`` passes torch's log-softmax of the logits; ``inv_c`` is 1/C as a (B, C) tensor;
 * ``NAME(logits, target)`` -- softmax in float32 or better, integer class indices or (B, C)
   soft targets, per-sample loss, batch mean, sign applied; its docstring holds the formula and,
   when the entry gives it (``export.make_entry`` does), the per-class form T(p_t) + sum O(p_c)
@@ -131,11 +133,21 @@ def per_sample_source(tree, pset="paper", name="loss") -> str:
         # A Sample-typed root that involves y or p went through a reduction, so it is (B,).
         final = ref if has_terminal else f"p.new_zeros(p.shape[0]) + {ref}"
     body = "\n".join(lines)
+    used = {var_name(n, pset) for n in tree} - {None}
+    args, doc, prelude = "y, p", "from targets y and probabilities p, both (B, C)", ""
+    if "logp" in pset.terminals:  # the reference set: the exact log-softmax comes in
+        args = "y, p, logp=None"
+        doc = ("from targets y, probabilities p\n    and their log-softmax logp (all (B, C); "
+               "logp = log(p) when not given)")
+        if "logp" in used:
+            prelude += "    if logp is None:\n        logp = torch.log(p)\n"
+    if "inv_c" in used:
+        prelude += "    inv_c = torch.full_like(p, 1.0 / p.shape[1])\n"
     return f'''
 
-def {name}_per_sample(y, p):
-    """Per-sample loss (B,) of `{text}` from targets y and probabilities p, both (B, C)."""
-{body + chr(10) if body else ""}    return {final}
+def {name}_per_sample({args}):
+    """Per-sample loss (B,) of `{text}`{chr(10) + "   " if "logp" in pset.terminals else ""} {doc}."""
+{prelude}{body + chr(10) if body else ""}    return {final}
 '''
 
 
@@ -153,6 +165,8 @@ def function_source(tree, pset="paper", name="loss", sign=1, formula=None, per_c
     sign_word = "+1" if sign == 1 else "-1 (the expression is negated)"
     mean = "per_sample.mean()" if sign == 1 else "-per_sample.mean()"
     cls = camel(name)
+    # the reference set's logp: torch's exact log-softmax of the logits, not log(p)
+    logp = ", torch.log_softmax(z, dim=1)" if "logp" in pset.terminals else ""
     return per_sample_source(tree, pset, name) + f'''
 
 def {name}(logits, target):
@@ -168,7 +182,7 @@ def {name}(logits, target):
         y = torch.nn.functional.one_hot(target, p.shape[1]).to(p.dtype)
     else:
         y = target.to(p.dtype)
-    per_sample = {name}_per_sample(y, p)
+    per_sample = {name}_per_sample(y, p{logp})
     return {mean}
 
 

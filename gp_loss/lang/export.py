@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ from deap import gp
 from ..errors import InputError
 from ..version import __version__
 from . import codegen
-from .psets import load_pset
+from .psets import load_pset, loss_pset
 from .trees import as_tree, to_text, var_name
 
 FORMATS = ("python", "latex", "sympy", "json")
@@ -55,7 +56,14 @@ def check_sign(sign) -> int:
 def default_name(expr, pset) -> str:
     """The zoo name when ``expr`` is one (``baikal``), else ``loss``."""
     pset = load_pset(pset)
-    return expr.strip() if isinstance(expr, str) and expr.strip() in pset.zoo else "loss"
+    if not isinstance(expr, str):
+        return "loss"
+    text = expr.strip()
+    if text in pset.zoo:
+        return text
+    if text.split(":", 1)[0] in pset.templates:  # label_smoothing:0.2 -> label_smoothing_0_2
+        return re.sub(r"[^a-z0-9_]", "_", text.lower())
+    return "loss"
 
 
 def per_class_of(tree, pset, sign) -> tuple:
@@ -96,12 +104,13 @@ def expr_entries(exprs, pset="paper", names=None, *, sign_of) -> list:
     """Entries for user expressions, each oriented by ``sign_of(tree, pset)`` (the integrity
     check's ``screen.integrity.sign_of``, passed in by the caller). Default names: the zoo
     name, else ``loss`` -- numbered (``loss1``, ``loss2``...) when several would share it."""
-    pset = load_pset(pset)
     exprs = list(exprs)
     if not exprs:
         raise InputError("nothing to export: give at least one expression")
+    # each expression's own set: a reference loss name (ce_torch, ...) exports with any pset
+    psets = [loss_pset(e, pset) if isinstance(e, str) else load_pset(pset) for e in exprs]
     if names is None:
-        names = [default_name(e, pset) for e in exprs]
+        names = [default_name(e, ps) for e, ps in zip(exprs, psets)]
         if len(exprs) > 1:
             counts = {n: names.count(n) for n in names}
             seen: dict = {}
@@ -111,7 +120,7 @@ def expr_entries(exprs, pset="paper", names=None, *, sign_of) -> list:
                     names[i] = f"{n}{seen[n]}"
     _unique(names)
     entries = []
-    for expr, name in zip(exprs, names):  # each in turn: the first bad one is the error
+    for expr, name, pset in zip(exprs, names, psets):  # in turn: the first bad one is the error
         tree = as_tree(expr, pset)
         name = check_name(name)
         entries.append(make_entry(tree, pset, name=name, sign=sign_of(tree, pset)))
@@ -243,6 +252,9 @@ def _sympy(entries) -> str:
     import sympy
     symbols = {"y": sympy.Symbol("y", real=True), "p": sympy.Symbol("p", real=True),
                "eps": sympy.Symbol("eps", positive=True)}
+    # the reference set: logp is the exact log-softmax, log(p); inv_c is 1/C
+    symbols["logp"] = sympy.log(symbols["p"])
+    symbols["inv_c"] = 1 / sympy.Symbol("C", positive=True, integer=True)
     out = [f'"""Losses exported by gp-loss {__version__} as SymPy expressions.',
            "",
            "Each entry is an expression in the target y and the probability p. For a class-sum",
@@ -258,6 +270,8 @@ def _sympy(entries) -> str:
            'eps = Symbol("eps", positive=True)',
            "EPS_VALUE = 1e-7",
            ]
+    if any("inv_c" in e["pset"].terminals for e in entries):
+        out.append('C = Symbol("C", positive=True, integer=True)  # number of classes')
     if any(not e["pset"].class_sum for e in entries):
         out.append('mse, kl, ce, dot, csum = (Function(n) for n in ("mse", "kl", "ce", "dot", "csum"))')
     # Entries go into a dict, not module variables: a loss called `log` must not shadow SymPy's.

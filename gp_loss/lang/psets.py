@@ -11,12 +11,20 @@ DEAP needs unique names, so internally such overloads are called ``add_Elem``/``
 the text form and every printer show the plain name, and the parser resolves it by argument
 types. A user adds a set by dropping a TOML file into ``primitives/`` (or passing its path, or
 putting it in a folder listed in ``GP_LOSS_PSET_PATH``) without touching the engine.
+
+Terminals are ``y`` (targets) and ``p`` (softmax), and for the ``reference`` set also ``logp``
+(log-softmax of the logits) and ``inv_c`` (1/C): the printer knows how to supply each
+(``TERMINALS``). ``[zoo_templates]`` entries give parametrised zoo names (``label_smoothing:0.2``)
+expanded by ``trees.expand_template`` (a checked number pasted into the set's own text, then parsed).
+A set with ``searchable = false`` (``reference``) holds baselines: ``search`` refuses it, and
+``loss_pset`` lets ``train``/``compare``/``export`` find its zoo names whatever ``--pset`` says.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,14 @@ from deap import gp
 
 from .. import shipped
 from . import ops as prims
+
+
+# Terminal name -> what it is; the printer (``codegen``) supplies each one.
+TERMINALS = {"y": "targets (B, C)", "p": "softmax probabilities (B, C)",
+             "logp": "log-softmax of the logits (B, C)", "inv_c": "1 / number of classes"}
+PREDICTION_TERMINALS = frozenset({"p", "logp"})  # the terminals that depend on the logits
+TEMPLATE_CALL = re.compile(r"^\s*([a-z_][a-z0-9_]*):([^\s:]+)\s*$")
+REFERENCE_SET = "reference"
 
 
 class PSetError(ValueError):
@@ -61,6 +77,8 @@ class PSet:
     gen_max_height: int
     source: str = ""
     type_of: dict = field(default_factory=dict)  # type class -> type name
+    searchable: bool = True
+    templates: dict = field(default_factory=dict)  # name -> {text, param, default, min, max}
 
     def arities(self, display: str) -> set:
         return {len(self.prims[i].in_types) for i in self.overloads.get(display, ())}
@@ -120,10 +138,11 @@ def _load_cached(path_str: str) -> PSet:
         raise PSetError(f"{where}: root type {root!r} is not among types {type_names}")
     types = {t: type(t, (), {"__module__": "gp_loss.lang.psets"}) for t in type_names}
     term_names = list(terminals)
-    if not term_names or not set(term_names) <= {"y", "p"}:
-        # The printer's functions take exactly (y, p) and terminal names are pasted into the
-        # generated source: nothing else may be a terminal.
-        raise PSetError(f"{where}: terminals must be y and/or p, got {term_names}")
+    if not term_names or not set(term_names) <= set(TERMINALS):
+        # Terminal names are pasted into the generated source and the printer supplies each
+        # from (targets, logits): nothing else may be a terminal.
+        raise PSetError(f"{where}: terminals must be among {', '.join(TERMINALS)} "
+                        f"(y and/or p for a search set); got {term_names}")
     for t_name, t_type in terminals.items():
         if t_type not in types:
             raise PSetError(f"{where}: terminal {t_name!r} has unknown type {t_type!r}")
@@ -186,9 +205,20 @@ def _load_cached(path_str: str) -> PSet:
 
     limits = data.get("limits", {})
     gen = data.get("generation", {})
-    zoo = data.get("zoo", {})
+    zoo = dict(data.get("zoo", {}))
     if not all(isinstance(v, str) for v in zoo.values()):
         raise PSetError(f"{where}: [zoo] values must be expression strings")
+    templates = {}
+    for tname, spec in data.get("zoo_templates", {}).items():
+        tw = f"{where}: [zoo_templates.{tname}]"
+        text, param = _need(spec, "text", str, tw), _need(spec, "param", str, tw)
+        bounds = [spec.get(k) for k in ("default", "min", "max")]
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds) \
+                or not bounds[1] <= bounds[0] < bounds[2] or "{" + param + "}" not in text:
+            raise PSetError(f"{tw}: needs text with {{{param}}}, and min <= default < max")
+        templates[tname] = {"text": text, "param": param, "default": float(bounds[0]),
+                            "min": float(bounds[1]), "max": float(bounds[2])}
+        zoo.setdefault(tname, fill_template(templates[tname], float(bounds[0])))
     clash = set(zoo) & (set(term_names) | set(overloads))
     if clash:
         # A zoo name is only recognised where it is not followed by '(' -- but a name that is
@@ -202,7 +232,33 @@ def _load_cached(path_str: str) -> PSet:
         max_height=int(limits.get("max_height", 8)), max_size=int(limits.get("max_size", 48)),
         gen_min_height=int(gen.get("min_height", 1)), gen_max_height=int(gen.get("max_height", 4)),
         source=where, type_of={v: k for k, v in types.items()},
+        searchable=bool(data.get("searchable", True)), templates=templates,
     )
+
+
+def format_number(value: float) -> str:
+    """Literal text that parses back to exactly ``value`` (integers print without '.0')."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def fill_template(template: dict, value: float) -> str:
+    """A template's text with its parameter replaced by ``value``, printed as a literal."""
+    return template["text"].replace("{" + template["param"] + "}", format_number(value))
+
+
+def loss_pset(text: str, pset="paper") -> "PSet":
+    """The set an expression or zoo name given to ``train``/``compare``/``export`` belongs to:
+    ``pset``, unless ``text`` names a zoo loss of the ``reference`` set (``ce_torch``,
+    ``label_smoothing``, ``label_smoothing:0.2``) that ``pset`` does not have."""
+    ps = load_pset(pset)
+    name = text.strip().split(":", 1)[0] if isinstance(text, str) else None
+    if name and name not in ps.zoo and name not in ps.templates:
+        ref = load_pset(REFERENCE_SET)
+        if name in ref.zoo or name in ref.templates:
+            return ref
+    return ps
 
 
 def _never_called(*_args):  # pragma: no cover - trees are printed to source, never called

@@ -136,6 +136,10 @@ def _leaf(node, pset, y, mode):
         return _Val(P)
     if name == "y":
         return _Val(Y) if y is None else _Val(sympy.Integer(y), str(y), float(y), sympy.Integer(y))
+    if name == "logp":  # log-softmax: exactly log p (no eps), unlike the protected log
+        return _Val(sympy.log(P))
+    if name == "inv_c":
+        return _Val(1 / C)
     if name:
         return _Val(sympy.Symbol(name))
     r = _number(node.value)

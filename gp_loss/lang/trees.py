@@ -18,7 +18,9 @@ import re
 from deap import gp
 
 from ..errors import InputError
-from .psets import PSet, load_pset
+from .psets import TEMPLATE_CALL, PSet, load_pset
+from .psets import fill_template
+from .psets import format_number  # noqa: F401 - also this module's name for it
 
 MAX_TEXT = 100_000  # characters; far above any tree within the size limits
 
@@ -46,11 +48,21 @@ def _tokens(text: str):
         pos = m.end()
 
 
-def format_number(value: float) -> str:
-    """Literal text that parses back to exactly ``value`` (integers print without '.0')."""
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
+def expand_template(text: str, pset: "PSet") -> str:
+    """``NAME:VALUE`` for a ``[zoo_templates]`` name of ``pset`` -> its expression text (the
+    value checked to be a number in [min, max)); any other text unchanged."""
+    m = TEMPLATE_CALL.match(text) if isinstance(text, str) else None
+    if m is None or m.group(1) not in pset.templates:
+        return text
+    t = pset.templates[m.group(1)]
+    try:
+        value = float(m.group(2))
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and t["min"] <= value < t["max"]):
+        raise ParseError(f"{m.group(1)}:{m.group(2)}: {t['param']} must be a number in "
+                         f"[{t['min']:g}, {t['max']:g})")
+    return fill_template(t, value)
 
 
 class _Node:
@@ -175,7 +187,7 @@ def parse(text: str, pset="paper", *, max_height=None, max_size=None) -> gp.Prim
     pset = load_pset(pset)
     max_height = pset.max_height if max_height is None else max_height
     max_size = pset.max_size if max_size is None else max_size
-    nodes = _scan(text, pset, max_height, max_size)
+    nodes = _scan(expand_template(text, pset), pset, max_height, max_size)
     kids = _children(nodes)
     all_types = set(pset.types)
     # Bottom-up: the set of types each node can have.

@@ -63,5 +63,8 @@ def _result(fut) -> dict:
     try:
         return fut.result()
     except Exception as exc:  # a lost worker fails that run only
+        # "lost": the failure is the executor's (a dead or timed-out worker), not a result of
+        # the job's inputs: the compare ledger does not keep it, so a rerun trains it again
         return {"status": "failed", "reason": "error: " + describe(exc, 293),
-                "fitness": 0.0, "val_acc": None, "test_acc": None, "seconds": None}
+                "fitness": 0.0, "val_acc": None, "test_acc": None, "seconds": None,
+                "lost": True}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..lang.psets import load_pset
+from ..lang.psets import PREDICTION_TERMINALS, load_pset
 from ..lang.trees import var_name
 from .fingerprint import (SWEEP_ROWS, fingerprints_match, from_grads, probe,
                           rows_match_many, run_probe, split)
@@ -167,7 +167,7 @@ def screen(tree, pset="paper") -> ScreenResult:
     """Steps 1-3 in order (one compile, one evaluation); the fingerprint when accepted."""
     pset = load_pset(pset)
     tree = _tree_of(tree, pset)  # bad text raises ParseError (bad input, not a rejection)
-    if not any(var_name(node, pset) == "p" for node in tree):
+    if not any(var_name(node, pset) in PREDICTION_TERMINALS for node in tree):
         # Without p the sweep (fixed y, varying p) is flat or non-finite: rejected either way,
         # so skip compiling it -- most random initial trees are like this.
         return ScreenResult(False, "integrity_constant", 1, None, np.full(SWEEP_ROWS, np.nan))

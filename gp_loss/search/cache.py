@@ -37,7 +37,7 @@ log = logging.getLogger("gp_loss.cache")
 # so version-1 "prescreen" results of such settings must not be reused.
 # 3: results carry val_nll (the search's tie-break between equal fitnesses); version-2
 # results lack it, and a reused one would lose every tie.
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: a split_seed other than 0 keeps split 0's test split
 CACHEABLE_REASONS = ("nan_loss", "inf_loss", "prescreen", "early_stop")
 # Settings that do not change what training computes.
 _NOT_IN_KEY = ("device", "timeout_s", "download", "data_root")

@@ -43,7 +43,7 @@ import random
 import time
 from dataclasses import asdict
 
-from ..config import Config, config_to_dict
+from ..config import Config, ConfigError, config_to_dict
 from ..execution import make_executor, wait_first
 from ..execution.packing import Packer, pack_timeout
 from ..lang.psets import load_pset
@@ -67,6 +67,9 @@ class Evolution(StartPhases):
         self.store, self.cfg, self.progress = store, cfg, progress
         s = cfg.search
         self.pset = load_pset(s.pset)
+        if not self.pset.searchable:
+            raise ConfigError(f"search.pset = {s.pset!r}: the {self.pset.name!r} set holds "
+                              f"reference losses for train/compare/export, not a search space")
         if s.max_depth or s.max_size:  # a run may tighten or loosen the set's size limits
             self.pset = dataclasses.replace(self.pset, max_height=s.max_depth or self.pset.max_height,
                                             max_size=s.max_size or self.pset.max_size)

@@ -23,8 +23,9 @@ per class; images of differing sizes are resized to the first image's size) and 
 `x_test`/`y_test` become the held-out test split; labels are mapped to 0..K-1 in sorted order).
 
 Splits. Without an official test split (digits, mnist5k, imagefolder, npz without x_test) the
-whole set is divided train / val / test by `val_fraction` / `test_fraction` (stratified, seeded by
-`split_seed`). With an official test split (cifar10, cifar100, mnist, fashionmnist, npz with
+whole set is divided train / val / test by `val_fraction` / `test_fraction` (stratified); the
+test split is always split seed 0's, and another `split_seed` redraws only train / val from the
+rest (the test images never train or select a model, whatever the split seed). With an official test split (cifar10, cifar100, mnist, fashionmnist, npz with
 x_test) the official test set is the test split and `test_fraction` is ignored; `val_fraction`
 of the official training set becomes the validation split (stratified, seeded). One exception,
 the paper's CIFAR split: for cifar10/cifar100 with the default fractions (0.15 / 0.15) the
@@ -257,13 +258,27 @@ def _stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) ->
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+def split_varies(name: str, val_fraction: float, test_fraction: float) -> bool:
+    """Whether another ``split_seed`` gives another train/validation split (not for the
+    paper's fixed CIFAR split)."""
+    return not (name in _PAPER_SPLIT and (val_fraction, test_fraction) == _DEFAULT_FRACTIONS)
+
+
 @functools.lru_cache(maxsize=16)
 def _cpu_splits(name: str, data_root: str, split_seed: int, val_fraction: float,
                 test_fraction: float, train_fraction: float, download: bool = False) -> Splits:
     x, y, n_official = _raw(name, data_root, download)
     if n_official is None:
         tr, va, te = _stratified_split(y, (1.0 - val_fraction - test_fraction, val_fraction,
-                                           test_fraction), split_seed)
+                                           test_fraction), 0)
+        if split_seed != 0:
+            # The test split is split seed 0's, always: a re-split only redraws train and
+            # validation from the rest, so no test image ever trains or selects a model.
+            rest = np.sort(np.concatenate([tr, va]))
+            keep_tr, keep_va = _stratified_split(
+                y[rest], (1.0 - val_fraction / (1.0 - test_fraction),
+                          val_fraction / (1.0 - test_fraction)), split_seed)
+            tr, va = rest[keep_tr], rest[keep_va]
     else:
         te = np.arange(n_official, len(y))
         if name in _PAPER_SPLIT and (val_fraction, test_fraction) == _DEFAULT_FRACTIONS:

@@ -75,6 +75,7 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..config import SurrogateConfig, check_stages
@@ -155,6 +156,41 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=Non
     if not with_nll:
         return acc
     return acc, mean_nll(nll.item(), max(1, x.shape[0]))
+
+
+ECE_BINS = 15
+
+
+@torch.no_grad()
+def checkpoint_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fast=None
+                       ) -> dict:
+    """What ``compare`` reports of a checkpoint on (x, y) (the test split): ``test_acc`` (the
+    same chunks and argmax as ``_accuracy``, so the same value), ``ece`` (expected calibration
+    error of the softmax's top probability, ``ECE_BINS`` equal-width bins over [0, 1]) and
+    ``test_correct`` (which images it got right: a hex bitmask, image i = bit i, for the
+    bootstrap over test images) of ``n_test`` images."""
+    model.eval()
+    hits, confs = [], []
+    for i in range(0, x.shape[0], EVAL_CHUNK):
+        logits = _logits(model, x[i:i + EVAL_CHUNK], fast)
+        hits.append(logits.argmax(1) == y[i:i + EVAL_CHUNK])
+        confs.append(torch.softmax(logits.double(), dim=1).amax(1))
+    model.train()
+    n = max(1, x.shape[0])
+    hit = torch.cat(hits).cpu() if hits else torch.zeros(0, dtype=torch.bool)
+    conf = torch.cat(confs).cpu() if confs else torch.zeros(0, dtype=torch.float64)
+    ece = 0.0
+    if hit.numel():
+        which = torch.clamp((conf * ECE_BINS).ceil().long() - 1, 0, ECE_BINS - 1)
+        for b in range(ECE_BINS):
+            m = which == b
+            if m.any():
+                ece += m.sum().item() / n * abs(hit[m].double().mean().item()
+                                                 - conf[m].mean().item())
+    packed = np.packbits(hit.numpy(), bitorder="little").tobytes()
+    bits = int.from_bytes(packed, "little")  # image i = bit i
+    return {"test_acc": int(hit.sum()) / n, "ece": ece,
+            "test_correct": format(bits, "x"), "n_test": int(hit.numel())}
 
 
 def mean_nll(total: float, n: int):
@@ -321,6 +357,7 @@ class _Run:
                        | self.rules.event_steps() | set(self.stages.ends))
         self.best_val, self.best_nll, self.best_state = -1.0, None, None  # nll: the tie-break
         self.best_size = self.stages.size
+        self.val_curve: list = []  # [step, validation accuracy] at each validation
         self.step = 0
         model.train()
 
@@ -371,6 +408,7 @@ class _Run:
 
     def record_validation(self, val: float, nll) -> None:
         """A validation's accuracy and NLL: the best checkpoint so far if it is better."""
+        self.val_curve.append([self.step, val])
         if val > self.best_val:
             self.best_val, self.best_size, self.best_nll = val, self.stages.size, nll
             if self.with_test:
@@ -379,17 +417,24 @@ class _Run:
 
     def result(self, status: str, reason) -> dict:
         weights_hash = _weights_hash(self.model)  # the final weights, before a checkpoint loads
-        test_acc = None
+        test_acc, extra = None, {}
         if self.best_state is not None:  # only with_test
             self.model.load_state_dict(self.best_state)
-            test_acc = _accuracy(self.model, resized(self.splits.x_test, self.best_size),
-                                 self.splits.y_test, self.fast)
+            extra = checkpoint_metrics(self.model, resized(self.splits.x_test, self.best_size),
+                                       self.splits.y_test, self.fast)
+            test_acc = extra.pop("test_acc")
+            # the checkpoint on its own (un-augmented) training images: train_test_gap
+            extra["checkpoint_train_acc"] = _accuracy(
+                self.model, resized(self.splits.x_train, self.best_size), self.splits.y_train,
+                self.fast)
+        if self.with_test:
+            extra["val_curve"] = self.val_curve
         fitness = max(self.best_val, 0.0)
         return {
             "status": status, "reason": reason, "fitness": fitness, "val_acc": fitness,
             "val_nll": self.best_nll, "test_acc": test_acc, "train_acc": self.window.acc,
             "steps": self.step, "seconds": 0.0, "device": str(self.dev),
-            "weights_hash": weights_hash,
+            "weights_hash": weights_hash, **extra,
         }
 
 
