@@ -23,16 +23,7 @@ from gp_loss.lang.trees import ParseError, parse
 from gp_loss.protocol import compare as C
 from gp_loss.protocol.ledger import Ledger, job_key, lasting
 
-TINY = ["--set", "surrogate.steps=30", "--set", "surrogate.prescreen_steps=0", "--device", "cpu"]
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return invoke
+from test_protocol import TINY, run  # noqa: F401 - the in-process CLI fixture, shared
 
 
 def _torch_oracle(name):
