@@ -13,6 +13,7 @@ Used by ``compare.py``; imports nothing of the package above ``errors`` and ``ve
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,16 @@ SCHEMA_VERSION = 1
 _NOT_IN_KEY = ("timeout_s", "download")
 
 
+@functools.lru_cache(maxsize=16)
+def _pset_digest(pset: str) -> str:
+    """The set file's content hash (read once per file; a plain name hashes as itself)."""
+    try:
+        text = Path(pset).read_text(encoding="utf-8")
+    except OSError:
+        text = pset
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def job_key(expr: str, pset: str, surrogate: dict, seed: int, sign: int, with_test: bool,
             width: int = 1) -> str:
     """The identity of one training run: a hash of everything its result depends on -- the
@@ -38,12 +49,8 @@ def job_key(expr: str, pset: str, surrogate: dict, seed: int, sign: int, with_te
     versions."""
     import torch
 
-    try:
-        pset_text = Path(pset).read_text(encoding="utf-8")
-    except OSError:
-        pset_text = str(pset)
     sur = {k: v for k, v in surrogate.items() if k not in _NOT_IN_KEY}
-    payload = json.dumps([expr, hashlib.sha256(pset_text.encode()).hexdigest(), sur, int(seed),
+    payload = json.dumps([expr, _pset_digest(str(pset)), sur, int(seed),
                           int(sign), bool(with_test), int(width), torch.__version__,
                           __version__], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
