@@ -130,7 +130,8 @@ def search(ctx, config, run_dir, sets, device, data_root, download, top):
     from ..config import config_to_dict
     from ..surrogate.fitness import preflight
 
-    preflight(asdict(cfg.surrogate))  # bad data/model: exit 2 before a run is created
+    for _, conf in cfg.task_surrogates():  # bad data/model: exit 2 before a run is created
+        preflight(asdict(conf))
     for text in config_warnings(cfg):
         log.warning("%s", text)
 

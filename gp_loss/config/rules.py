@@ -89,6 +89,14 @@ def coerce_fields(obj: Any) -> None:
                   f"expected true or false, got {describe_value(value)}")
         elif want is str:
             check(isinstance(value, str), key, f"expected a string, got {describe_value(value)}")
+        elif typing.get_origin(want) is tuple and typing.get_args(want)[0] is not str:
+            # a list of tables (search.tasks); Config checks what each table holds
+            check(isinstance(value, (list, tuple)), key,
+                  f"expected a list of tables, got {describe_value(value)}")
+            for item in value:
+                check(isinstance(item, dict), key,
+                      f"expected a list of tables, got {describe_value(item)} in it")
+            value = tuple(dict(item) for item in value)
         elif typing.get_origin(want) is tuple:
             check(isinstance(value, (list, tuple)), key,
                   f"expected a list of strings, got {describe_value(value)}")

@@ -82,6 +82,12 @@ class SearchConfig:
     max_depth: int = 0  # tree limits; 0 = the primitive set's own default
     max_size: int = 0
     mutation: MutationConfig = field(default_factory=MutationConfig)
+    # [[search.tasks]]: named [surrogate] overrides (name = "...", then surrogate keys). Every
+    # candidate trains on each task in order (a pre-screen failure on one skips the rest). With
+    # two or more, fitness = the mean over tasks of (validation accuracy - ce_torch's on that
+    # task, same settings and seed): a loss must beat cross-entropy on every task, not fit one
+    # architecture and learning rate. One task: its settings, today's fitness. search/tasks.py.
+    tasks: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -220,6 +226,43 @@ class Config:
 
     def __post_init__(self) -> None:
         self.initial_surrogate()  # names a bad key of search.initial_surrogate now, not later
+        self.task_surrogates()  # and a bad [[search.tasks]] entry
+
+    def task_surrogates(self, cheap: bool = False) -> list[tuple[str | None, SurrogateConfig]]:
+        """(name, surrogate) per task of ``search.tasks``, in order: the run's surrogate with
+        the task's keys; ``cheap``: then ``search.initial_surrogate`` over it (the seeding's
+        cheaper scoring of each task). Without tasks: ``[(None, surrogate)]``."""
+        base = self.initial_surrogate() if cheap else self.surrogate
+        if not self.search.tasks:
+            return [(None, base)]
+        names = [f.name for f in dataclasses.fields(SurrogateConfig)]
+        out: list = []
+        for i, task in enumerate(self.search.tasks):
+            where = f"search.tasks[{i}]"
+            name = task.get("name")
+            check(isinstance(name, str) and name.strip() != "", f"{where}.name",
+                  "every task needs a name (a non-empty string)")
+            check(name not in [n for n, _ in out], f"{where}.name",
+                  f"{name!r} names two tasks; task names must differ")
+            check(len(self.search.tasks) <= 16, "search.tasks", "at most 16 tasks")
+            keys = {k: v for k, v in task.items() if k != "name"}
+            check("seed" not in keys, f"{where}.seed",
+                  "tasks share the run's seeds (surrogate.seed, and search.reeval_seeds' "
+                  "offsets): a task cannot set its own")
+            for key in keys:
+                if key not in names:
+                    raise ConfigError(f"unknown key '{where}.{key}' (task {name!r})"
+                                      f"{suggest(key, names, where + '.')}; a task takes "
+                                      f"[surrogate] keys")
+            try:
+                conf = dataclasses.replace(self.surrogate, **keys)
+                if cheap and self.search.initial_fitness == "cheap" \
+                        and self.search.initial_surrogate:
+                    conf = dataclasses.replace(conf, **self.search.initial_surrogate)
+            except ConfigError as exc:
+                raise ConfigError(f"{where} (task {name!r}): {exc}") from None
+            out.append((name, conf))
+        return out
 
     def initial_surrogate(self) -> SurrogateConfig:
         """The surrogate that scores the initial candidates (the surrogate itself unless

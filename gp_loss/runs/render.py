@@ -138,8 +138,15 @@ def format_summary(s: dict) -> str:
         lines.append("An elimination is stored but has not finished (rounds below): export and "
                      "compare --from-run rank by search fitness until it does.")
     what = "Best losses of the search" if s.get("finalists") else "Best losses"
-    lines.append(f"{what}, ranked by search fitness ({c['pset']} set; {c['dataset']} / "
-                 f"{c['model']}, {c['steps']} steps; fitness = best validation accuracy"
+    task_list = c.get("tasks") or []
+    if len(task_list) >= 2:
+        where = f"{len(task_list)} tasks: " + ", ".join(t["name"] for t in task_list)
+        fit = ("fitness = mean over tasks of (best validation accuracy - ce_torch's, same "
+               "settings and seed)")
+    else:
+        where = f"{c['dataset']} / {c['model']}, {c['steps']} steps"
+        fit = "fitness = best validation accuracy"
+    lines.append(f"{what}, ranked by search fitness ({c['pset']} set; {where}; {fit}"
                  + (f", ties broken by {tie}" if tie else "") + ")")
     lines += _table(s["top"])
     for ref in s["reference"]:
@@ -151,6 +158,8 @@ def format_summary(s: dict) -> str:
     if any(r.get("seeds") for r in s["top"]):
         lines.append("± sd: standard deviation over the seeds of a re-evaluated candidate "
                      "(fitness = their mean; val NLL too); size: nodes of the expression tree")
+    if len(task_list) >= 2 and s["top"]:
+        lines += [""] + format_tasks(s["top"], s.get("baselines") or [], task_list)
     if s.get("pareto"):
         lines += ["", "Pareto front: the best fitness at each formula size that beats every "
                       "smaller one", f"  {'size':>4}  {'fitness':>7}  {'id':>5}  formula"]
@@ -187,6 +196,41 @@ def format_summary(s: dict) -> str:
     if s.get("elimination"):
         lines += [""] + format_elimination(s["elimination"])
     return "\n".join(lines)
+
+
+def format_tasks(top: list[dict], baselines: list[dict], task_list: list[dict]) -> list[str]:
+    """The top rows per task: best validation accuracy and gain over ce_torch (the first
+    seed's, on the main settings), then ce_torch's own accuracy; a row that failed a task
+    says why, and the tasks after it are blank (never trained)."""
+    names = [t["name"] for t in task_list]
+    width = max(16, *(len(n) + 2 for n in names))
+    lines = ["Per task: best validation accuracy and gain over ce_torch (same settings and "
+             "seed); the tasks:"]
+    for t in task_list:
+        lines.append(f"  {t['name']}: {t['dataset']} / {t['model']}, {t['steps']} steps, "
+                     f"lr {t['lr']:g}, train_fraction {t['train_fraction']:g}")
+    lines.append(f"{'rank':>4}  {'id':>5}  " + "".join(f"{n:<{width}}" for n in names))
+    for i, r in enumerate(top, 1):
+        cells = {e["name"]: e for e in r.get("tasks") or []}
+        row = ""
+        for n in names:
+            e = cells.get(n)
+            if e is None:
+                text = ""
+            elif e.get("status") != "ok" or e.get("val_acc") is None:
+                text = f"failed: {(e.get('reason') or '?')[:width - 9]}"
+            else:
+                gain = f" {e['gain']:+.4f}" if e.get("gain") is not None else ""
+                text = f"{e['val_acc']:.4f}{gain}"
+            row += f"{text:<{width}}"
+        lines.append(f"{r.get('rank', i):>4}  {r['id']:>5}  {row}")
+    main = [b for b in baselines if b["settings"] == "main" and b["seed_offset"] == 0]
+    if main and main[0].get("tasks"):
+        accs = {e["name"]: e.get("val_acc") for e in main[0]["tasks"]}
+        lines.append(f"{'ce_torch':>12}  " + "".join(
+            f"{(f'{accs[n]:.4f}' if accs.get(n) is not None else main[0]['status']):<{width}}"
+            for n in names))
+    return lines
 
 
 def _stage(st: dict) -> str:

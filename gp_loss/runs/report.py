@@ -19,6 +19,7 @@ import statistics
 
 from ..config import MODEL_ALIASES
 from ..lang.psets import load_pset
+from ..search import tasks as tasks_mod
 from .ranking import TIE_BREAK, row_rank_key, tie_value
 from .store import SEARCH_PHASES, RunStore
 from ..lang.trees import parse
@@ -137,6 +138,8 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
         return classes[key]
 
     n_seeds = len(cfg.get("search", {}).get("seed_with", []))
+    task_list = run_tasks(cfg)
+    task_names = [t["name"] for t in task_list]
 
     def shown_row(r):
         seeds, std = seed_spread(r)
@@ -147,7 +150,8 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
                 "status": r["status"],
                 "phase": r["phase"], "birth": r["birth"], "parent_id": r["parent_id"],
                 "mutation": r["mutation"], "found": how_found(r, n_seeds),
-                "size": tree_size(r["expr"]), "seeds": seeds, "fitness_std": std}
+                "size": tree_size(r["expr"]), "seeds": seeds, "fitness_std": std,
+                "tasks": tasks_mod.table(r["result"], task_names)}
 
     top_rows = [shown_row(r) for r in rows]
     # The elimination's final ranking, from where export and compare --from-run read it.
@@ -168,6 +172,10 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
                       and 0 <= r["birth"] < len(ref_names) else r["expr"]),
              "fitness": r["fitness"], "status": r["status"]}
             for r in store.candidates(phase="reference")]
+    baselines = [{"seed_offset": r["birth"], "settings": tasks_mod.BASELINE_PHASES[ph],
+                  "name": tasks_mod.BASELINE, "status": r["status"],
+                  "tasks": tasks_mod.table(r["result"], task_names)}
+                 for ph in tasks_mod.BASELINE_PHASES for r in store.candidates(phase=ph)]
     state = store.state()
     elimination = stored_rounds(store)
     for m in (m for r in elimination or [] for m in r["members"]):
@@ -197,14 +205,38 @@ def summary(store, top: int = 10, formulas: bool = True) -> dict:
         },
         "seconds": store.seconds(),
         "reference": refs,
+        # [[search.tasks]]: ce_torch per task and seed offset, what each gain is measured
+        # against ([] without two or more tasks)
+        "baselines": baselines,
         "state": {k: state.get(k) for k in ("phase", "children_done", "next_birth")},
         "config": {"pset": pset.name, "dataset": cfg["surrogate"]["dataset"],
                    "model": MODEL_ALIASES.get(model, model),  # an old run's "tinycnn": tiny
                    "steps": cfg["surrogate"]["steps"],
                    "children": cfg["search"]["children"],
-                   "population": cfg["search"]["population"]},
+                   "population": cfg["search"]["population"],
+                   # [[search.tasks]] (name and settings each); [] = the surrogate alone
+                   "tasks": task_list,
+                   "fitness": ("mean gain over tasks" if len(task_list) >= 2
+                               else "validation accuracy")},
         "elimination": elimination,
     }
+
+
+_TASK_KEYS = ("dataset", "model", "steps", "lr", "train_fraction")
+
+
+def run_tasks(cfg: dict) -> list[dict]:
+    """A stored config's ``search.tasks``, each with the settings that describe it (the
+    run's surrogate with the task's keys): ``name``, dataset, model, steps, lr,
+    train_fraction and the task's other own keys."""
+    sur = cfg.get("surrogate", {})
+    out = []
+    for t in cfg.get("search", {}).get("tasks") or []:
+        own = {k: v for k, v in t.items() if k != "name"}
+        merged = {**{k: sur.get(k) for k in _TASK_KEYS}, **own}
+        merged["model"] = MODEL_ALIASES.get(merged["model"], merged["model"])
+        out.append({"name": t["name"], **merged})
+    return out
 
 
 def _short_reasons(reasons: dict) -> dict:

@@ -46,8 +46,9 @@ from dataclasses import asdict
 from ..config import Config, ConfigError, config_to_dict
 from ..execution import make_executor, wait_first
 from ..execution.packing import Packer, pack_timeout
-from ..lang.psets import load_pset
-from ..lang.trees import to_text
+from ..lang import symbolic
+from ..lang.psets import REFERENCE_SET, load_pset
+from ..lang.trees import parse, to_text
 from ..lang.variation import mutate
 from ..runs.ranking import tie_value
 from ..screen import novelty
@@ -55,11 +56,13 @@ from ..surrogate.fitness import evaluate, evaluate_pack
 from ..surrogate.packtrain import effective_width
 from .cache import FitnessCache, default_path, settings_digest
 from .population import Population
+from . import tasks
 from .proposals import Attempts, Verdict, vet
 from .start import MAX_ROUNDS, Cand, SearchStopped, StartPhases
 
 log = logging.getLogger("gp_loss.search")
-
+# Evaluations outside the progress bar's count: re-evaluations and the tasks' baselines.
+EXTRA_PHASES = ("reeval", *tasks.BASELINE_PHASES)
 
 
 class Evolution(StartPhases):
@@ -73,9 +76,17 @@ class Evolution(StartPhases):
         if s.max_depth or s.max_size:  # a run may tighten or loosen the set's size limits
             self.pset = dataclasses.replace(self.pset, max_height=s.max_depth or self.pset.max_height,
                                             max_size=s.max_size or self.pset.max_size)
-        self.eval_config = asdict(cfg.surrogate)
         self.cheap = s.initial_fitness == "cheap"
-        self.seed_eval_config = asdict(cfg.initial_surrogate())
+        # (name, surrogate dict) per task, in training order (tasks.py); without
+        # [[search.tasks]] the one entry is the run's surrogate, as it always was.
+        self.task_confs = {"main": [(n, asdict(c)) for n, c in cfg.task_surrogates()],
+                           "seeding": [(n, asdict(c)) for n, c in
+                                       cfg.task_surrogates(cheap=self.cheap)]}
+        self.multi = tasks.multi(self.task_confs["main"])
+        self.ref_pset = load_pset(REFERENCE_SET) if self.multi else None
+        self.partial: dict = {}              # candidate id -> the task results it has so far
+        self.base: dict = {}                 # (kind, seed offset) -> ce_torch's val_acc per task
+        self.base_queue: list = []           # baseline evaluations to submit (before the rest)
         self.first_phase = "seeding" if self.cheap else "initial"  # where random trees go
         self.weights = asdict(s.mutation)
         self.population = Population(cfg.search.population)   # the aging-evolution core
@@ -90,7 +101,8 @@ class Evolution(StartPhases):
         self.best = None                     # (fitness, expression text), best so far
         # Candidates per pack (surrogate/packtrain.py); 1 for a model the pack cannot serve
         # (effective_width says so once).
-        self.width = effective_width(cfg.surrogate.model, cfg.executor.candidates_per_worker)
+        self.width = max(effective_width(c["model"], cfg.executor.candidates_per_worker)
+                         for confs in self.task_confs.values() for _, c in confs)
         self.packer = None
 
     # ------------------------------------------------------------------ bookkeeping helpers
@@ -218,32 +230,47 @@ class Evolution(StartPhases):
         self._promote(cand.age)
 
     # ------------------------------------------------------------------ evaluations
+    @staticmethod
+    def _kind(cand) -> str:
+        """Which task settings an evaluation uses: "seeding" (the cheap initial fitness) or
+        "main"."""
+        phase = cand.phase if cand is not None else "reference"
+        return "seeding" if phase == "seeding" or tasks.BASELINE_PHASES.get(phase) == "seeding" \
+            else "main"
+
     def _submit(self, cid, text, sign, cand):
-        seeding = cand is not None and cand.phase == "seeding"
-        conf = self.seed_eval_config if seeding else self.eval_config
+        """Submit the evaluation's next task (the first, or the one after those in
+        ``self.partial``): from the fitness cache, in a pack, or alone."""
+        kind = self._kind(cand)
+        task = len(self.partial.get(cid, ()))
+        _, conf = self.task_confs[kind][task]
         key = cand.key if cand is not None else self.store.candidate(cid)["key"]
         seed = self.cfg.surrogate.seed + (cand.birth if cand is not None
-                                          and cand.phase == "reeval" else 0)
-        settings = self._settings(conf, seed)
+                                          and cand.phase in ("reeval", "baseline") else 0)
+        pset = self.ref_pset if cand is not None and cand.phase in tasks.BASELINE_PHASES \
+            else self.pset
+        settings = self._settings(kind, task, conf, seed, pset)
+        width = self._width(conf)
         hit = self.cache.get(key, sign, settings) if settings else None
         if hit is not None:  # trained before under the same settings: no training now
             fut = concurrent.futures.Future()
             fut.set_result(hit)
-        elif self.packer is not None:  # trained in a pack of K with others of this config
-            fut = self.packer.submit((self.pset.source, conf), (text, seed, sign))
+        elif self.packer is not None and width > 1:  # in a pack of K with others of its config
+            fut = self.packer.submit((pset.source, conf), (text, seed, sign))
         else:
-            fut = self.executor.submit(evaluate, text, self.pset.source, conf, seed, sign)
+            fut = self.inner.submit(evaluate, text, pset.source, conf, seed, sign)
         self.inflight[fut] = (cid, cand)
-        self.cache_keys[fut] = (key, sign, settings, self._width(conf))
+        self.cache_keys[fut] = (key, sign, settings, width, text, task)
 
-    def _settings(self, conf: dict, seed: int) -> str | None:
-        """The cache digest of an evaluation config and seed (None when the cache is off)."""
+    def _settings(self, kind: str, task: int, conf: dict, seed: int, pset) -> str | None:
+        """The cache digest of one task's evaluation config and seed (None when the cache is
+        off): a task's results are shared with any run that trains under its settings."""
         if not self.cache.enabled:
             return None
-        name = ("seeding" if conf is self.seed_eval_config else "main", seed)
+        name = (kind, task, seed, pset.name)
         if name not in self.digests:
             self.digests[name] = settings_digest(conf, seed, self.cfg.executor.threads,
-                                                 self.pset.source, pack=self._width(conf))
+                                                 pset.source, pack=self._width(conf))
         return self.digests[name]
 
     def _width(self, conf: dict) -> int:
@@ -252,13 +279,23 @@ class Evolution(StartPhases):
 
     def _complete(self, fut):
         cid, cand = self.inflight.pop(fut)
-        key, sign, settings, width = self.cache_keys.pop(fut)
+        key, sign, settings, width, text, task = self.cache_keys.pop(fut)
         t0 = time.perf_counter()
         try:
             res = fut.result()
         except Exception as exc:  # the worker died or raised outside evaluate()
             res = {"status": "failed", "reason": f"worker: {type(exc).__name__}: {exc}"[:300],
                    "fitness": 0.0, "seconds": 0.0}
+        put = None
+        if settings and not res.get("cached") and res.get("pack_k", 1) == width:  # after the
+            # commit (the caller's): a kill never makes a resumed run find its own pending
+            # result in the cache; a pack retried alone (pack_k 1) did not run under the
+            # key's settings
+            put = (key, sign, settings, res, f"{self.store.run_dir}#{cid}")
+        if self.multi:
+            res = self._task_done(cid, cand, text, sign, task, res)
+            if res is None:  # more tasks to train: the row stays pending
+                return put
         ok = res.get("status") == "ok"
         fitness = float(res["fitness"]) if ok else None
         cached = bool(res.get("cached"))
@@ -287,15 +324,68 @@ class Evolution(StartPhases):
                                         engine_seconds=engine)
             if cand is not None and cand.phase == "reeval":
                 self._reeval_done(cand.parent)
-        put = None
-        if settings and not cached and res.get("pack_k", 1) == width:  # after the commit
-            # (the caller's): a kill never makes a resumed run find its own pending result in
-            # the cache; a pack retried alone (pack_k 1) did not run under the key's settings
-            put = (key, sign, settings, res, f"{self.store.run_dir}#{cid}")
-        if self.progress is not None and (cand is None or cand.phase != "reeval"):
+            if cand is not None and cand.phase in tasks.BASELINE_PHASES:
+                self._baseline_done(cand, res)
+        if self.progress is not None and (cand is None or cand.phase not in EXTRA_PHASES):
             self.progress.advance()  # re-evaluations are extra: not in the bar's total
         log.debug("#%d %s %s", cid, res.get("status"), fitness)
         return put
+
+    # ------------------------------------------------------------------ tasks (tasks.py)
+    def _task_done(self, cid, cand, text, sign, task, res):
+        """One task of a multi-task evaluation is back. More to train: keep what is done in
+        the pending row (a kill resumes at the next task), queue the next, return None.
+        Otherwise the tasks' combined result (``tasks.combine``)."""
+        kind = self._kind(cand)
+        names = [n for n, _ in self.task_confs[kind]]
+        done = self.partial.setdefault(cid, [])
+        done.append(tasks.entry(names[task], res))
+        baseline = cand is not None and cand.phase in tasks.BASELINE_PHASES
+        if res.get("status") == "ok" and len(done) < len(names):
+            self.store.update_candidate(cid, result=tasks.partial(done))
+            (self.base_queue if baseline else self.queue).insert(0, (cid, text, sign, cand))
+            return None
+        del self.partial[cid]
+        offset = cand.birth if cand is not None and cand.phase in ("reeval", "baseline") else 0
+        return tasks.combine(done, None if baseline else self.base[(kind, offset)])
+
+    def _baseline_done(self, cand, res):
+        kind = tasks.BASELINE_PHASES[cand.phase]
+        if res.get("status") == "ok":
+            self.base[(kind, cand.birth)] = [e["val_acc"] for e in res["tasks"]]
+        else:  # the reference itself fails a task: no gain can be measured on it
+            self.stop_reason = (f"{tasks.BASELINE} (the reference of search.tasks) failed on "
+                                f"task {res.get('failed_task')!r}: {res.get('reason')}; "
+                                f"fix that task's settings")
+
+    def _baselines_ready(self) -> bool:
+        return all(k in self.base for k in self._baseline_keys())
+
+    def _baseline_keys(self) -> list[tuple[str, int]]:
+        """(kind, seed offset) of every baseline the run's fitnesses are measured against."""
+        keys = [("main", k) for k in range(self.cfg.search.reeval_seeds)]
+        return keys + ([("seeding", 0)] if self.cheap else [])
+
+    def _ensure_baselines(self):
+        """Store the missing baseline rows (pending: one per kind and seed offset; a new run
+        or a run whose search.reeval_seeds grew) and queue them."""
+        if not self.multi:
+            return
+        have = {(tasks.BASELINE_PHASES[r["phase"]], r["birth"])
+                for ph in tasks.BASELINE_PHASES for r in self.store.candidates(phase=ph)}
+        tree = parse(tasks.BASELINE, self.ref_pset)
+        text = to_text(tree, self.ref_pset)
+        key = symbolic.canonical_key(tree, self.ref_pset, 1)
+        phase_of = {v: k for k, v in tasks.BASELINE_PHASES.items()}
+        with self.store.transaction():
+            for kind, k in self._baseline_keys():
+                if (kind, k) in have:
+                    continue
+                cid = self.store.add_candidate(text, "pending", phase=phase_of[kind], birth=k,
+                                               sign=1, key=key,
+                                               reason=f"{tasks.BASELINE} on every task")
+                self.base_queue.append((cid, text, 1, Cand(cid, None, key, None, None, 1,
+                                                           birth=k, phase=phase_of[kind])))
 
     # ------------------------------------------------------------------ the loop
     def _fill(self):
@@ -315,6 +405,10 @@ class Evolution(StartPhases):
         while len(self.inflight) < capacity and self.stop_reason is None:
             if self._out_of_time():
                 self.stop_reason = "max_minutes"
+            elif self.base_queue:  # the references every gain is measured against come first
+                self._submit(*self.base_queue.pop(0))
+            elif self.multi and not self._baselines_ready():
+                return  # nothing can be scored before they are back
             elif self.queue:
                 self._submit(*self.queue.pop(0))
             elif not self.refs_done and s.reference:
@@ -331,6 +425,7 @@ class Evolution(StartPhases):
         self.t_start = time.monotonic()
         self.wall_base = self.store.get_state("wall_seconds", 0.0)
         self._load()
+        self._ensure_baselines()
         ex_cfg = self.cfg.executor
         blas = None
         if ex_cfg.kind != "serial":
@@ -343,11 +438,12 @@ class Evolution(StartPhases):
             # threads fighting the workers for the cores (0.45 s of a quick cut's 0.8 s).
             torch.set_num_threads(1)
             blas = threadpool_limits(limits=1, user_api="blas")
+        timeout = max(c["timeout_s"] for confs in self.task_confs.values() for _, c in confs)
         self.executor = make_executor(ex_cfg.kind, ex_cfg.workers, ex_cfg.threads,
                                       retries=ex_cfg.retries, address=ex_cfg.address,
                                       gpus_per_eval=ex_cfg.gpus_per_eval,
-                                      timeout_s=pack_timeout(self.cfg.surrogate.timeout_s,
-                                                             self.width))
+                                      timeout_s=pack_timeout(timeout, self.width))
+        self.inner = self.executor  # what runs a single evaluation (a pack's too)
         if self.width > 1:
             self.executor = Packer(self.executor, self.width, evaluate_pack)
             self.packer = self.executor

@@ -27,6 +27,7 @@ from ..lang.trees import parse, to_text
 from ..lang.variation import random_tree
 from ..runs.ranking import row_rank_key, tie_value
 from ..screen import integrity, novelty
+from . import tasks
 from .proposals import Attempts, forced
 
 log = logging.getLogger("gp_loss.search")
@@ -81,8 +82,13 @@ class StartPhases:
         self.children_done = st.get("children_done", 0)
         self.refs_done = st.get("refs_done", False)
         member_ids = {r["id"]: r["age_order"] for r in self.store.population()}
-        self.queue = []
+        self.queue, self.base_queue, self.partial = [], [], {}
         for row in self.store.candidates():
+            if row["status"] == "pending" and tasks.done_entries(row["result"]):
+                self.partial[row["id"]] = tasks.done_entries(row["result"])  # tasks done so far
+            if row["phase"] in tasks.BASELINE_PHASES:
+                self._load_baseline(row)
+                continue
             if row["phase"] == "reeval":
                 self.promoted.add(row["parent_id"])
                 if row["status"] == "pending":
@@ -112,6 +118,19 @@ class StartPhases:
                 self.pool.add(cand.id, cand.key, cand.fingerprint)  # dedup within the pool
             else:
                 self._add_past(cand, row)
+
+    def _load_baseline(self, row):
+        """A baseline row (tasks.py): its accuracies per task once trained, else queued."""
+        kind = tasks.BASELINE_PHASES[row["phase"]]
+        if row["status"] == "pending":
+            cand = Cand(row["id"], None, row["key"], None, None, 1, birth=row["birth"],
+                        phase=row["phase"])
+            self.base_queue.append((row["id"], row["expr"], 1, cand))
+        elif row["status"] in ("evaluated", "reused"):
+            self.base[(kind, row["birth"])] = [e["val_acc"] for e in row["result"]["tasks"]]
+        else:
+            self._baseline_done(Cand(row["id"], None, row["key"], None, None, 1,
+                                     birth=row["birth"], phase=row["phase"]), row["result"] or {})
 
     def _cand_from_row(self, row) -> Cand:
         tree = parse(row["expr"], self.pset)
