@@ -325,8 +325,10 @@ def eliminate(run_dir, config, sets, device, as_json):
         rounds = E.resolve_rounds(table, surrogate)
 
         def progress(rnd, row, res):
-            log.info("round %d: candidate %d seed %d: val %s (%.1fs)%s", rnd.index,
-                     row["parent_id"], row["birth"], fmt(res.get("val_acc")),
+            log.info("round %d: candidate %d seed %d%s: val %s (%.1fs)%s", rnd.index,
+                     row["parent_id"], row["birth"],
+                     f" task {row['mutation']}" if row.get("mutation") else "",
+                     fmt(res.get("val_acc")),
                      res.get("seconds") or 0.0,
                      "" if res.get("status") == "ok" else f"  FAILED: {res.get('reason')}")
         e = cfg.executor

@@ -17,6 +17,14 @@ all rounds are done. The plan (rounds, surrogate, entrants) is the store's meta
 ``eliminate``; ``stored_rounds`` rebuilds the tables from it for ``show`` (``report.py``).
 ``resolve_rounds`` turns an ``[eliminate]`` table into the rounds.
 
+A run searched on ``[[search.tasks]]`` is eliminated on the same tasks: each entrant trains on
+every task for every seed (one row per task, its name in ``mutation``; every task trains, a
+failed one counting 0), and round r scales each task's own steps by the round's factor
+(``round steps / surrogate.steps``: x1, x2, x3, x4 by default), each task keeping its own model,
+learning rate and data. Score = the mean over seeds and tasks; its ranking is the ranking by
+mean gain over ce_torch, since ce_torch's accuracy under a round's settings is the same number
+for every entrant. Stages and ``eliminate.model`` are refused there (a task sets its model).
+
 Fed by the CLI (``cli_protocol.py``: ``gp-loss eliminate``, through ``protocol``), a writable
 run store (``store.py``; the driver is its only writer), ``RunStore.top`` for the
 entrants and ``fitness.evaluate`` via ``protocol.run_jobs``.
@@ -125,10 +133,18 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
 
     evaluate_fn = evaluate_fn or evaluate
     ps = load_pset(store.config().get("search", {}).get("pset", "paper"))
+    task_list = [dict(t) for t in store.config().get("search", {}).get("tasks") or []]
+    if task_list:
+        model = MODEL_ALIASES.get(surrogate["model"], surrogate["model"])
+        if any(r.stages for r in rounds) or any(r.model != model for r in rounds):
+            raise InputError("this run searched on search.tasks: each round trains every task "
+                             "with the task's own model and steps scaled by the round; "
+                             "eliminate.stages and eliminate.model are not supported there")
     # What the results depend on; the device and the executor may change between attempts.
     plan = json.loads(json.dumps({"rounds": [_plain(r) for r in rounds],
                                   "surrogate": {k: v for k, v in surrogate.items()
                                                 if k != "device"},
+                                  **({"tasks": task_list} if task_list else {}),
                                   **({"pack": width} if width > 1 else {})}, sort_keys=True))
     saved = store.meta().get("eliminate")
     if saved is None:
@@ -153,17 +169,20 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
     try:
         for pos, rnd in enumerate(rounds):
             phase = f"elim{rnd.index}"
-            have = {(r["parent_id"], r["birth"]) for r in store.candidates(phase=phase)}
-            missing = [(c, s) for c in entrants for s in rnd.seeds if (c, s) not in have]
+            confs = round_surrogates(rnd, surrogate, task_list)
+            have = {(r["parent_id"], r["birth"], r["mutation"])
+                    for r in store.candidates(phase=phase)}
+            missing = [(c, s, t) for c in entrants for s in rnd.seeds for t in confs
+                       if (c, s, t) not in have]
             with store.transaction():  # all of the round's rows exist before any training
-                for cid, seed in missing:
+                for cid, seed, task in missing:
                     src = sources[cid]
                     store.add_candidate(src["expr"], "pending", phase=phase, birth=seed,
-                                        key=src["key"], parent_id=cid, sign=src["sign"])
+                                        key=src["key"], parent_id=cid, sign=src["sign"],
+                                        mutation=task)
             todo = store.candidates(status="pending", phase=phase)
-            sur = {**surrogate, "steps": rnd.steps, "model": rnd.model,
-                   **({"stages": [dict(st) for st in rnd.stages]} if rnd.stages else {})}
-            jobs = [(r["expr"], ps.source, sur, r["birth"], r["sign"] or 1, False) for r in todo]
+            jobs = [(r["expr"], ps.source, confs[r["mutation"]], r["birth"], r["sign"] or 1,
+                     False) for r in todo]
 
             def record(i, res, todo=todo, rnd=rnd):
                 ok = res.get("status") == "ok" and res.get("val_acc") is not None
@@ -177,7 +196,8 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
             run_jobs(jobs, executor, evaluate_fn, record, width=width)
             trained += len(jobs)
             go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(entrants)
-            table = score_round(store, rnd, entrants, sources, prev, go_on)
+            table = score_round(store, rnd, entrants, sources, prev, go_on,
+                                _task_steps(confs))
             out.append(table)
             prev = {m["id"]: m["score"] for m in table["members"]}
             entrants = [m["id"] for m in table["members"] if m["kept"]]
@@ -193,6 +213,27 @@ def eliminate(store, rounds: Sequence[Round], surrogate: dict, executor=None,
             "finalists": finalists}
 
 
+def round_surrogates(rnd: Round, surrogate: dict, task_list: list[dict]) -> dict:
+    """Task name -> the surrogate a round trains with (one entry, ``None``, without tasks):
+    the round's steps, model and stages; with tasks, each task's own settings with its steps
+    scaled by the round's factor (``rnd.steps / surrogate.steps``)."""
+    if not task_list:
+        return {None: {**surrogate, "steps": rnd.steps, "model": rnd.model,
+                       **({"stages": [dict(st) for st in rnd.stages]} if rnd.stages else {})}}
+    factor = rnd.steps / surrogate["steps"]
+    out = {}
+    for t in task_list:
+        own = {k: v for k, v in t.items() if k != "name"}
+        steps = own.get("steps", surrogate["steps"])
+        out[t["name"]] = {**surrogate, **own, "steps": max(1, round(steps * factor))}
+    return out
+
+
+def _task_steps(confs: dict) -> dict | None:
+    """Task name -> its steps in a round (None without tasks)."""
+    return None if None in confs else {n: c["steps"] for n, c in confs.items()}
+
+
 def _plain(rnd: Round) -> dict:
     # Without stages the saved plan stays as it was before stages existed, so an elimination
     # started by an older version still resumes.
@@ -203,36 +244,39 @@ def _plain(rnd: Round) -> dict:
 
 
 def score_round(store, rnd: Round, entrants: Sequence[int], sources: dict, prev: dict,
-                go_on: int) -> dict:
+                go_on: int, tasks: dict | None = None) -> dict:
     """One round's table from its stored rows (phase ``elim{index}``).
 
     ``sources``: search candidate rows by id; ``prev``: the previous round's score by id (round
-    1: the search fitness); ``go_on``: how many enter the next round. Score = mean best
-    validation accuracy over the round's seeds, a failed seed counting 0; ranked by score, then
+    1: the search fitness); ``go_on``: how many enter the next round; ``tasks``: the run's
+    search.tasks (name -> the round's steps for it), None without. Score = mean best validation accuracy over the
+    round's seeds (and tasks), a failed run counting 0; ranked by score, then
     the better previous score, then the lower id. ``complete`` is False while runs are pending
     or missing; the ranking is then provisional (pending runs count 0 too).
     """
     runs: dict = {cid: [] for cid in entrants}
     for r in store.candidates(phase=f"elim{rnd.index}"):
         if r["parent_id"] in runs and r["birth"] in rnd.seeds:
-            runs[r["parent_id"]].append({"seed": r["birth"], "val_acc": r["fitness"],
+            runs[r["parent_id"]].append({"seed": r["birth"], "task": r["mutation"],
+                                         "val_acc": r["fitness"],
                                          "status": r["status"], "reason": r["reason"],
                                          "seconds": r["seconds"], "row_id": r["id"]})
     score = {c: statistics.fmean([x["val_acc"] if x["status"] == "evaluated" else 0.0
                                   for x in runs[c]] or [0.0]) for c in entrants}
     ranked = sorted(entrants, key=lambda c: (-score[c], -prev.get(c, 0.0), c))
     done = sum(x["status"] in ("evaluated", "failed") for c in entrants for x in runs[c])
-    total = len(entrants) * len(rnd.seeds)
+    total = len(entrants) * len(rnd.seeds) * len(tasks or [None])
     return {"round": rnd.index, "phase": f"elim{rnd.index}", "steps": rnd.steps,
             "model": rnd.model, "seeds": list(rnd.seeds),
             "stages": [dict(st) for st in rnd.stages], "entrants": len(ranked),
+            "tasks": [{"name": n, "steps": st} for n, st in tasks.items()] if tasks else None,
             "kept": min(go_on, len(ranked)), "runs_done": done, "runs_total": total,
             "complete": done == total,
             "members": [{"rank": k, "id": c, "expr": sources[c]["expr"],
                          "formula": None,  # a reader computes it from expr
                          "score": score[c],
                          "previous_score": prev.get(c, 0.0), "kept": k <= go_on,
-                         "runs": sorted(runs[c], key=lambda x: x["seed"])}
+                         "runs": sorted(runs[c], key=lambda x: (x["seed"], x["row_id"]))}
                         for k, c in enumerate(ranked, 1)]}
 
 
@@ -251,7 +295,8 @@ def stored_rounds(store) -> list[dict] | None:
     out = []
     for pos, rnd in enumerate(rounds):
         go_on = rounds[pos + 1].size if pos + 1 < len(rounds) else len(entrants)
-        table = score_round(store, rnd, entrants, sources, prev, go_on)
+        table = score_round(store, rnd, entrants, sources, prev, go_on, _task_steps(
+            round_surrogates(rnd, saved["surrogate"], saved.get("tasks") or [])))
         out.append(table)
         if not table["complete"]:
             break

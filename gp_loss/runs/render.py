@@ -252,8 +252,10 @@ def format_elimination(rounds: list[dict]) -> list[str]:
         seeds = ",".join(str(x) for x in r["seeds"])
         state = (f"{r['kept']} kept" if r["complete"] else
                  f"pending: {r['runs_done']} of {r['runs_total']} runs done")
+        where = (f"{r['steps']} steps, {r['model']}" if not r.get("tasks") else
+                 "tasks " + ", ".join(f"{t['name']} {t['steps']} steps" for t in r["tasks"]))
         lines.append(f"round {r['round']} ({r['phase']}): {r['entrants']} candidates, "
-                     f"{r['steps']} steps, {r['model']}, seed(s) {seeds} -> {state}")
+                     f"{where}, seed(s) {seeds} -> {state}")
         if r["stages"]:
             lines.append("  stages: " + "; ".join(f"{i}) {_stage(st)}"
                                                   for i, st in enumerate(r["stages"], 1)))
@@ -265,13 +267,17 @@ def format_elimination(rounds: list[dict]) -> list[str]:
             if r["complete"]:
                 rank, score = str(m["rank"]), f"{m['score']:.4f}"
             else:
-                rank, score = "-", f"{len(done)}/{len(r['seeds'])}"
+                rank, score = "-", f"{len(done)}/{len(r['seeds']) * len(r.get('tasks') or [0])}"
             note = ("  (out)" if r["complete"] and not m["kept"] else "") + \
                 (f"  [{failed} failed]" if failed else "")
             formula = m["formula"] or m["expr"]
             expr = "" if formula == m["expr"] else f"   [{m['expr']}]"
             lines.append(f"  {rank:>4}  {score:>6}  {m['previous_score']:.4f}  {m['id']:>5}  "
                          f"{formula}{expr}{note}")
-    lines.append("score = mean best validation accuracy over the round's seeds (a failed run "
-                 "counts 0); before = the previous round's score (round 1: the search fitness)")
+    tasks = any(r.get("tasks") for r in rounds)
+    lines.append("score = mean best validation accuracy over the round's seeds"
+                 + (" and tasks (ranked as the mean gain over ce_torch would be: its accuracy "
+                    "is one number for every entrant)" if tasks else "")
+                 + " (a failed run counts 0); before = the previous round's score (round 1: "
+                   "the search fitness)")
     return lines
