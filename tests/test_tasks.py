@@ -283,6 +283,13 @@ def test_eliminate_retrains_on_the_same_tasks_with_scaled_steps(tmp_path, monkey
     assert out["rounds"][1]["tasks"] == [{"name": "tiny_a", "steps": 200},
                                          {"name": "mlp_b", "steps": 100}]
     assert len(confs) == 2
+    from gp_loss.runs.plots import TASKS_LABEL, load_run
+    from gp_loss.runs.render import format_summary
+    with RunStore.open(tmp_path / "r", readonly=True) as store:
+        text = format_summary(summary(store, formulas=False))
+    assert "round 2: tasks tiny_a 200 steps, mlp_b 100 steps, seed(s) 0" in text
+    assert "Per task" in text and "ce_torch" in text
+    assert load_run(tmp_path / "r").fitness_label == TASKS_LABEL
 
 
 # --------------------------------------------------------------------------- real training

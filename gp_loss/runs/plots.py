@@ -29,6 +29,7 @@ from ..lang.trees import display_name, parse, var_name
 
 DONE = ("evaluated", "reused", "failed")
 FITNESS_LABEL = "fitness (best validation accuracy)"
+TASKS_LABEL = "fitness (mean over tasks of val. accuracy - ce_torch's)"  # [[search.tasks]]
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Run:
     evaluated: list              # search rows with a fitness, id order, with "size"
     top: list                    # store.top(k)
     refs: list = field(default_factory=list)  # (name, fitness) of the reference losses
+    fitness_label: str = FITNESS_LABEL  # what the fitness axis measures
 
 
 def load_run(run_dir, top: int = 3) -> Run:
@@ -58,7 +60,8 @@ def load_run(run_dir, top: int = 3) -> Run:
         run = Run(Path(run_dir), load_pset(cfg.get("pset", "paper")),
                   int(cfg.get("population", 1)), len(cfg.get("seed_with", [])), rows,
                   [r for r in rows.values() if r["phase"] in SEARCH_PHASES
-                   and r["status"] in DONE], evaluated_rows(store), store.best(top), refs)
+                   and r["status"] in DONE], evaluated_rows(store), store.best(top), refs,
+                  TASKS_LABEL if len(cfg.get("tasks") or []) >= 2 else FITNESS_LABEL)
     if not run.evaluated:
         raise InputError(f"{run_dir}: the run has no evaluated candidates yet")
     return run
@@ -147,7 +150,7 @@ def progress_figure(run: Run):
     ax.set_title(f"Search progress: {len(run.search)} evaluations "
                  f"({n_init} initial, then children)")
     ax.set_xlabel("evaluation number (store order)")
-    ax.set_ylabel(FITNESS_LABEL)
+    ax.set_ylabel(run.fitness_label)
     ax.legend(loc="center right", fontsize=8, framealpha=0.9)
     return fig
 
@@ -220,7 +223,7 @@ def pareto_figure(run: Run):
     _references(ax, run)
     ax.set_title("Fitness vs formula size")
     ax.set_xlabel("formula size (nodes of the expression tree)")
-    ax.set_ylabel(FITNESS_LABEL)
+    ax.set_ylabel(run.fitness_label)
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -257,7 +260,7 @@ def lineage_figure(run: Run):
     ax.set_title(f"Lineage of the best candidate ({len(chain) - 1} mutation"
                  f"{'' if len(chain) == 2 else 's'} from the initial population)")
     ax.set_xlabel("ancestor (candidate id), oldest first; label: how it was made")
-    ax.set_ylabel(FITNESS_LABEL)
+    ax.set_ylabel(run.fitness_label)
     ax.legend(loc="lower right", fontsize=8)
     return fig
 

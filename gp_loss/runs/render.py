@@ -127,7 +127,10 @@ def format_summary(s: dict) -> str:
         tie += " (not recorded by this run's version: by lowest id)"
     if s.get("finalists"):
         last = s["elimination"][-1] if s.get("elimination") else None
-        where = (f"round {last['round']}: {last['steps']} steps, {last['model']}, seed(s) "
+        setting = (f"{last['steps']} steps, {last['model']}" if last and not last.get("tasks")
+                   else "tasks " + ", ".join(f"{t['name']} {t['steps']} steps"
+                                            for t in last["tasks"]) if last else "")
+        where = (f"round {last['round']}: {setting}, seed(s) "
                  f"{','.join(str(x) for x in last['seeds'])}") if last else "its last round"
         lines.append(f"Finalists, ranked by elimination (the ranking export and compare "
                      f"--from-run use; score = mean best validation accuracy in {where}; "

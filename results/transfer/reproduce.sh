@@ -37,7 +37,7 @@ COMPARE=(--from-run "$RUN" --top 3 --loss label_smoothing --loss ce --loss baika
          --set surrogate.timeout_s=0 --set executor.candidates_per_worker=2
          --cell model=resnet9v2 --cell model=resnet9v2,train_fraction=0.1 --cell model=mlp
          --cell dataset=digits,model=resnet9v2,image_size=0,steps=300,train_fraction=0.25
-         --lr 2.5e-3 --lr 5e-3 --lr 1e-2 --lr 2e-2 --tune-seeds 2
+         --lr 2.5e-3 --lr 5e-3 --lr 1e-2 --lr 2e-2 --lr 4e-2 --tune-seeds 2
          --seeds 10 --first-seed 100 --split-seeds 2 --bootstrap 10000 --workers 2
          --store "$RUN/compare.sqlite")
 $GP compare "${COMPARE[@]}" --markdown "$OUT/compare.md" --json > "$OUT/compare.json"
