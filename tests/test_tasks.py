@@ -168,6 +168,26 @@ def test_fitness_is_the_mean_gain_over_ce_torch_per_task_and_seed(tmp_path, monk
     assert [b["seed_offset"] for b in s["baselines"]] == [0, 1]
 
 
+def test_a_failed_reeval_seed_counts_accuracy_0_not_a_gain_of_0(tmp_path, monkeypatch):
+    class FailSeed1(TaskFake):
+        def __call__(self, expr, pset_name, conf, seed=0, sign=1, with_test=False):
+            if seed == 1 and expr != CE_TORCH:
+                self.calls.append((expr, conf["model"], conf["lr"], conf["steps"], seed))
+                return {"status": "failed", "reason": "nan_loss", "fitness": 0.0, "steps": 1,
+                        "seconds": 0.0}
+            return super().__call__(expr, pset_name, conf, seed, sign, with_test)
+    cfg = make_cfg(TASKS, "search.reeval_seeds=2", "search.reeval_after=1")
+    run(tmp_path / "r", cfg, FailSeed1(), monkeypatch)
+    confs = task_confs(cfg)
+    penalty = -statistics.fmean(TaskFake.value(CE_TORCH, c, 1) for c in confs)
+    done = [r for r in rows(tmp_path / "r") if (r["result"] or {}).get("seed_fitness")]
+    assert done
+    for r in done:
+        first, second = r["result"]["seed_fitness"]
+        assert second == pytest.approx(penalty)
+        assert r["fitness"] == pytest.approx((first + penalty) / 2) and r["fitness"] < first
+
+
 def test_a_failing_reference_stops_the_search_naming_the_task(tmp_path, monkeypatch):
     out = run(tmp_path / "r", make_cfg(), TaskFake(fail_ce_on="mlp"), monkeypatch)
     assert "ce_torch" in out["stop_reason"] and "mlp_b" in out["stop_reason"]
@@ -282,7 +302,6 @@ def test_eliminate_retrains_on_the_same_tasks_with_scaled_steps(tmp_path, monkey
         assert len(m["runs"]) == 2
     assert out["rounds"][1]["tasks"] == [{"name": "tiny_a", "steps": 200},
                                          {"name": "mlp_b", "steps": 100}]
-    assert len(confs) == 2
     from gp_loss.runs.plots import TASKS_LABEL, load_run
     from gp_loss.runs.render import format_summary
     with RunStore.open(tmp_path / "r", readonly=True) as store:

@@ -258,9 +258,16 @@ class StartPhases:
                                                            birth=k, phase="reeval",
                                                            parent=m.id)))
 
+    def _failed_seed(self, offset: int) -> float:
+        """What a failed seed counts: accuracy 0 -- with tasks, a gain of 0 minus ce_torch's
+        accuracy on every task at that seed (a gain of 0 would reward the failure)."""
+        if not self.multi:
+            return 0.0
+        return -sum(self.base[("main", offset)]) / len(self.base[("main", offset)])
+
     def _reeval_done(self, parent: int):
         """All seeds of a member are back: its fitness becomes their mean (a failed seed
-        counts 0), the single-seed result stays in the row's result; its tie-break
+        counts accuracy 0: ``_failed_seed``), the single-seed result stays in the row's result; its tie-break
         (val_nll) becomes the mean of the seeds' too, None unless every seed has one."""
         rows = self.store.candidates(phase="reeval")
         mine = [r for r in rows if r["parent_id"] == parent]
@@ -270,7 +277,7 @@ class StartPhases:
         first = row["result"] or {}
         seeds = [float(first.get("fitness", row["fitness"]) or 0.0)] + [
             r["fitness"] if r["status"] in ("evaluated", "reused") and r["fitness"] is not None
-            else 0.0
+            else self._failed_seed(r["birth"])
             for r in sorted(mine, key=lambda r: r["birth"])]
         mean = sum(seeds) / len(seeds)
         nlls = [tie_value({"result": first})] + [

@@ -10,7 +10,7 @@ then one result (``combine``)::
 
 where ``baseline_t`` is ``BASELINE`` (torch's exact cross-entropy, ``ce_torch``) trained on task
 t with the same settings and seed: trained once per (task, seed) at the start of a run, for the
-seed of every re-evaluation too (``baseline_rows``). A task's ``gain`` is its term of that mean.
+seed of every re-evaluation too (``Evolution._ensure_baselines``). A task's ``gain`` is its term of that mean.
 One task (or none) keeps the fitness it always had, the validation accuracy: ``multi`` is False
 and results are not wrapped.
 
